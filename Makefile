@@ -1,0 +1,28 @@
+# The two set-up commands are `make demo` and `make test`; each builds .venv first when needed.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/agescale/torch_extensions
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: venv test test-fast demo bench clean
+
+venv:
+	@scripts/ensure_venv.sh
+
+test: venv
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not slow"
+
+# Until the trainer lands, the demo shards and verifies the repo's sample.
+demo: venv
+	$(VENV)/bin/agescale shard --dataset utkface --src data/sample/utkface --out runs/demo/shards --overwrite
+	$(VENV)/bin/agescale verify runs/demo/shards
+
+bench: venv
+	$(VENV)/bin/agescale bench shard --out runs/bench/shard.json
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""`agescale bench NAME` implementations. Each prints JSON with `ratio` and `target`."""

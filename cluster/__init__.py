@@ -1,0 +1,1 @@
+"""Cluster launch helpers: SLURM templates, torchrun/SLURM environment (later issues)."""

@@ -1,0 +1,1 @@
+"""Data path: dataset adapters → deterministic splits → WebDataset shards (+ DALI index, manifest)."""

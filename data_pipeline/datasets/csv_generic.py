@@ -1,0 +1,67 @@
+"""Any CSV of `path,age[,gender][,race][,subject]`.
+
+With a header row the columns are found by name (`path` and `age` required); without one they
+are taken in that order. Paths are relative to the CSV's folder. gender: 0/m/male, 1/f/female
+or empty for unknown. A row with a bad value is rejected with its line number and reason.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_pipeline.config import IngestConfig
+from data_pipeline.datasets import register_dataset
+from data_pipeline.datasets.files import parse_gender
+from data_pipeline.records import FaceRecord, Rejected
+from launch.errors import UserError
+
+SOURCE = "csv"
+COLUMNS = ("path", "age", "gender", "race", "subject")
+
+
+@register_dataset("csv", "CSV file of path,age[,gender][,race][,subject], paths relative to the CSV")
+def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
+    if not src.is_file():
+        raise UserError(f"--src {src}: the csv dataset expects a CSV file")
+    with src.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise UserError(f"{src}: empty CSV")
+    header = [c.strip().lower() for c in rows[0]]
+    if "path" in header or "age" in header:
+        missing = {"path", "age"} - set(header)
+        if missing:
+            raise UserError(f"{src}: header lacks column(s) {', '.join(sorted(missing))}")
+        unknown = set(header) - set(COLUMNS)
+        if unknown:
+            raise UserError(f"{src}: unknown column(s) {', '.join(sorted(unknown))}; allowed: {', '.join(COLUMNS)}")
+        cols, body, first_line = header, rows[1:], 2
+    else:
+        cols, body, first_line = list(COLUMNS), rows, 1
+    for line, row in enumerate(body, start=first_line):
+        if not row or not any(c.strip() for c in row):
+            continue
+        values = dict(zip(cols, (c.strip() for c in row)))
+        rel = values.get("path", "")
+        where = f"{src.name} line {line}"
+        try:
+            age = float(values.get("age", ""))
+        except ValueError:
+            yield Rejected(SOURCE, rel or where, f"{where}: age {values.get('age')!r} is not a number")
+            continue
+        try:
+            gender = parse_gender(values.get("gender", ""))
+            race = int(values["race"]) if values.get("race") else None
+            if race is not None and race not in range(5):
+                raise ValueError(f"race {race} is not 0-4")
+        except ValueError as e:
+            yield Rejected(SOURCE, rel, f"{where}: {e}")
+            continue
+        image = (src.parent / rel)
+        if not rel or not image.is_file():
+            yield Rejected(SOURCE, rel or where, f"{where}: image file {rel!r} not found")
+            continue
+        yield FaceRecord(image=image, age=age, gender=gender, race=race, subject=values.get("subject") or None,
+                         source=SOURCE, original_id=rel)

@@ -1,0 +1,40 @@
+"""Helpers shared by the folder-based adapters."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(root: Path) -> Iterator[Path]:
+    """Image files under `root` in a stable order (sorted relative paths), hidden files skipped."""
+    if root.is_file():
+        yield root
+        return
+    found = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, root)
+        found += [n if rel == "." else f"{rel}/{n}" for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)]
+    for rel in sorted(found):
+        yield root / rel
+
+
+def relative_id(path: Path, root: Path) -> str:
+    return path.name if root.is_file() else path.relative_to(root).as_posix()
+
+
+def parse_gender(text: str) -> int | None:
+    """'0'/'m'/'male' → 0, '1'/'f'/'female' → 1, '' → None (unknown); anything else is an error."""
+    t = text.strip().lower()
+    if t in ("", "nan", "na", "unknown", "-1"):
+        return None
+    if t in ("0", "m", "male"):
+        return 0
+    if t in ("1", "f", "female"):
+        return 1
+    raise ValueError(f"gender {text!r} is not one of 0/1, m/f, male/female or empty")

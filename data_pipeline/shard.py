@@ -1,0 +1,244 @@
+"""`agescale shard`: dataset adapters → decode check → splits → WebDataset tars + DALI index
+files + manifest.json.
+
+Each sample in a tar has three components:
+  <key>.jpg (or .png)  the original image bytes (re-encoded only for --max-side or odd formats)
+  <key>.labels.f32     3 little-endian float32: age in years, gender (0 male, 1 female, -1 unknown),
+                       race (UTKFace codes 0-4, -1 unknown); DALI reads it as FLOAT, no JSON needed
+  <key>.json           every label and the provenance, for people and the PyTorch loader
+The tars are byte-identical for the same inputs and seed (fixed mtime, owner and order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import create_dataset
+from data_pipeline.images import prepare_image
+from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin, age_bin_names, check_age, sample_key
+from data_pipeline.split import assign_splits, even_chunks, shard_count
+from data_pipeline.tarshard import ShardWriter
+from launch.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+LABELS_EXT = "labels.f32"
+LABEL_FORMAT = {
+    "component": LABELS_EXT,
+    "dtype": "float32 little-endian",
+    "fields": ["age_years", "gender (0 male, 1 female, -1 unknown)", "race (0-4 UTKFace codes, -1 unknown)"],
+}
+
+
+@dataclass
+class ShardResult:
+    out: Path
+    manifest: dict
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def label_vector(rec: FaceRecord) -> bytes:
+    g = -1 if rec.gender is None else rec.gender
+    r = -1 if rec.race is None else rec.race
+    return np.array([rec.age, g, r], dtype="<f4").tobytes()
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        old = out / MANIFEST
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty; pass --overwrite to replace an earlier shard set")
+        if not old.exists():
+            raise UserError(f"--out {out} is not empty and holds no {MANIFEST}; refusing to delete it")
+        try:
+            splits = json.loads(old.read_text())["splits"]
+        except (ValueError, KeyError):
+            raise UserError(f"{old}: not an agescale manifest; refusing to delete {out}") from None
+        for name in splits:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (MANIFEST, "config.yaml"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _collect(sources: Sequence[tuple[str, Path]], cfg: DataConfig) -> tuple[list[FaceRecord], list[Rejected], dict]:
+    records: list[FaceRecord] = []
+    rejected: list[Rejected] = []
+    per_source: dict[str, dict] = {}
+    for name, src in sources:
+        n_in = n_ok = 0
+        for item in create_dataset(name, src, cfg.ingest):
+            n_in += 1
+            if isinstance(item, Rejected):
+                rejected.append(item)
+                continue
+            why = check_age(item, cfg.labels)
+            if why:
+                rejected.append(Rejected(item.source, item.original_id, why))
+                continue
+            records.append(item)
+            n_ok += 1
+        per_source[f"{name}:{src}"] = {"dataset": name, "src": str(src.resolve()), "inputs": n_in, "labels_ok": n_ok}
+    return records, rejected, per_source
+
+
+def _unique_keys(records: Iterable[FaceRecord]) -> list[tuple[str, FaceRecord]]:
+    seen: Counter[str] = Counter()
+    out = []
+    for rec in sorted(records, key=lambda r: (r.source, r.original_id)):
+        key = sample_key(rec)
+        seen[key] += 1
+        out.append((key if seen[key] == 1 else f"{key}_{seen[key]}", rec))
+    return out
+
+
+def _stats(members: Sequence[tuple[str, FaceRecord]], cfg: DataConfig) -> dict:
+    ages = [r.age for _, r in members]
+    bins = Counter(age_bin(a, cfg.labels) for a in ages)
+    return {
+        "count": len(members),
+        "age_bins": {b: bins.get(b, 0) for b in age_bin_names(cfg.labels)},
+        "age": {"mean": round(statistics.fmean(ages), 4), "std": round(statistics.pstdev(ages), 4),
+                "median": statistics.median(ages), "min": min(ages), "max": max(ages)} if ages else None,
+        "gender": {GENDERS.get(k, "unknown"): v for k, v in sorted(Counter(
+            -1 if r.gender is None else r.gender for _, r in members).items())},
+        "race": {RACES.get(k, "unknown"): v for k, v in sorted(Counter(
+            -1 if r.race is None else r.race for _, r in members).items())},
+        "sources": dict(sorted(Counter(r.source for _, r in members).items())),
+    }
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    path: Path
+    split: str
+    members: Sequence[tuple[str, FaceRecord]]
+    max_side: int | None
+    jpeg_quality: int
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    job: ShardJob
+    info: dict | None  # None: every image of the shard was bad, no file written
+    kept: list[tuple[str, FaceRecord]]
+    rejected: list[Rejected]
+
+
+def write_shard(job: ShardJob) -> ShardOutcome:
+    """Decode-check and write one shard (runs in a worker process; one shard per task, so the
+    parent only coordinates and nothing but labels crosses the process boundary)."""
+    kept, rejected = [], []
+    with ShardWriter(job.path) as writer:
+        for key, rec in job.members:
+            img = prepare_image(rec.image, job.max_side, job.jpeg_quality)
+            if not img.ok:
+                rejected.append(Rejected(rec.source, rec.original_id, img.reason))
+                continue
+            kept.append((key, rec))
+            meta = {"key": key, "age": rec.age, "gender": rec.gender, "race": rec.race, "subject": rec.subject,
+                    "source": rec.source, "original_id": rec.original_id, "split": job.split,
+                    "width": img.width, "height": img.height}
+            writer.write(key, {img.ext: img.data, LABELS_EXT: label_vector(rec),
+                               "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+    if not writer.keys:  # leave no empty tar behind
+        writer.tar_path.unlink()
+        writer.idx_path.unlink()
+    return ShardOutcome(job, writer.info if writer.keys else None, kept, rejected)
+
+
+def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConfig, *,
+                   overwrite: bool = False, resolved_config: dict | None = None) -> ShardResult:
+    """Shard one or more (dataset name, source path) pairs into `out`. See the module docstring."""
+    sc = cfg.shard
+    records, rejected, per_source = _collect(sources, cfg)
+    for key, stats in per_source.items():
+        if stats["labels_ok"] == 0:
+            reasons = Counter(r.reason.split(":")[0] for r in rejected if r.source == stats["dataset"])
+            why = f" ({stats['inputs']} inputs rejected; reasons: {dict(reasons.most_common(3))})" if stats["inputs"] else ""
+            raise UserError(f"--src {stats['src']}: no usable {stats['dataset']} samples{why}")
+    _prepare_out(out, overwrite)
+    keyed = _unique_keys(records)
+    # Splits are assigned from labels alone, before the decode check: a bad image never moves
+    # another sample to a different split.
+    by_split = assign_splits(keyed, sc.splits, sc.seed, cfg.labels)
+    empty = [name for name, members in by_split.items() if not members]
+    if empty:
+        raise UserError(f"split(s) {', '.join(empty)} would get no samples out of {len(keyed)}; "
+                        "use fewer splits (e.g. --splits test=1) or more data")
+    jobs = []
+    for split, members in by_split.items():
+        (out / split).mkdir(parents=True, exist_ok=True)
+        k = shard_count(len(members), sc.max_samples_per_shard, sc.min_shards_per_split)
+        jobs += [ShardJob(out / split / f"{split}-{i:06d}.tar", split, members[a:b], sc.max_side, sc.jpeg_quality)
+                 for i, (a, b) in enumerate(even_chunks(len(members), k))]
+    outcomes: dict[Path, ShardOutcome] = {}
+    with mp.get_context("fork").Pool(min(len(jobs), sc.workers or os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(keyed), desc="shard", unit="img", disable=None) as progress:
+        # Largest shards first, so that no worker is left with a big one at the end.
+        for done in pool.imap_unordered(write_shard, sorted(jobs, key=lambda j: -len(j.members))):
+            outcomes[done.job.path] = done
+            progress.update(len(done.job.members))
+    split_info: dict[str, dict] = {}
+    sharded: list[tuple[str, FaceRecord]] = []
+    for split in by_split:
+        done = [outcomes[j.path] for j in jobs if j.split == split]
+        kept = [kr for d in done for kr in d.kept]
+        rejected += [r for d in done for r in d.rejected]
+        split_info[split] = {**_stats(kept, cfg), "shards": [d.info for d in done if d.info]}
+        sharded += kept
+    if not sharded:
+        for split in by_split:
+            shutil.rmtree(out / split, ignore_errors=True)
+        raise UserError("no image could be decoded; nothing to shard")
+    for stats in per_source.values():
+        stats["sharded"] = sum(1 for _, r in sharded if r.source == stats["dataset"])
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "sources": list(per_source.values()),
+        "seed": sc.seed,
+        "splits_requested": sc.splits,
+        "label_format": LABEL_FORMAT,
+        "shard_policy": {
+            "max_samples_per_shard": sc.max_samples_per_shard,
+            "min_shards_per_split": sc.min_shards_per_split,
+            "rule": "shards = min(n, max(min_shards_per_split, ceil(n / max_samples_per_shard))); sizes differ "
+                    "by <= 1 before undecodable images are dropped",
+            "shards_per_split": {s: len(v["shards"]) for s, v in split_info.items()},
+            "max_side": sc.max_side,
+        },
+        "total": _stats(sharded, cfg) | {"inputs": sum(s["inputs"] for s in per_source.values()),
+                                         "rejected": len(rejected)},
+        "splits": split_info,
+        "rejected": [{"source": r.source, "input": r.input, "reason": r.reason}
+                     for r in sorted(rejected, key=lambda r: (r.source, r.input))],
+    }
+    if resolved_config is not None:
+        from launch.config import save_yaml
+        save_yaml(resolved_config, out / "config.yaml")
+    tmp = out / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST)  # last: a shard set without a manifest is incomplete
+    return ShardResult(out, manifest, rejected)

@@ -1,0 +1,57 @@
+"""Shared fixtures: real UTKFace data, shard sets built once per session, CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample" / "utkface"
+SHARED = Path(os.environ.get("AGESCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
+AGESCALE = str(Path(sys.executable).parent / "agescale")
+
+
+def run_cli(*args, check: bool = False, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `agescale` console script, as a user would."""
+    proc = subprocess.run([AGESCALE, *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"agescale {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def shared_utkface() -> Path:
+    path = SHARED / "utkface"
+    if not path.is_dir():
+        pytest.skip(f"shared UTKFace data not found at {path} (set AGESCALE_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_jpegs() -> list[Path]:
+    """Real face JPEGs shipped with the repo (for fixtures written in other datasets' formats)."""
+    files = sorted(SAMPLE.glob("*.jpg"))
+    assert len(files) >= 1000, "data/sample/utkface is missing from the checkout"
+    return files
+
+
+@pytest.fixture(scope="session")
+def utk_shards(shared_utkface, tmp_path_factory) -> Path:
+    """All 6,000 shared images sharded with the default splits (read-only for tests)."""
+    out = tmp_path_factory.mktemp("utk") / "shards"
+    run_cli("shard", "--dataset", "utkface", "--src", shared_utkface, "--out", out, check=True)
+    return out
+
+
+@pytest.fixture
+def utk_shards_copy(utk_shards, tmp_path) -> Path:
+    """A private copy that a test may damage."""
+    dst = tmp_path / "shards"
+    shutil.copytree(utk_shards, dst)
+    return dst

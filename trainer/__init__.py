@@ -1,0 +1,1 @@
+"""Models, age methods, metrics and the DeepSpeed training loop (later issues)."""
