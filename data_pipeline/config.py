@@ -83,7 +83,73 @@ class IngestConfig(Strict):
     imdb_wiki_allow_second_face: bool = False
 
 
+
+
+class AugmentPolicy(Strict):
+    """Training augmentation; each knob means the same in DALI and torchvision.
+
+    `strength` scales every magnitude and probability below except the flip (a symmetry of
+    faces, not a perturbation): rotation, colour jitter, 1 - min crop scale, the ratio's
+    distance from 1, grayscale and blur probabilities. 0 turns augmentation off; Ray Tune
+    searches it.
+    """
+
+    strength: float = Field(1.0, ge=0, le=4)
+    hflip: float = Field(0.5, ge=0, le=1, description="probability of a horizontal flip")
+    crop_scale: tuple[float, float] = Field((0.8, 1.0), description="random resized crop: area fraction range")
+    crop_ratio: tuple[float, float] = Field((0.9, 1.1), description="random resized crop: aspect ratio range")
+    rotation: float = Field(10.0, ge=0, le=180, description="max rotation, degrees")
+    brightness: float = Field(0.2, ge=0, le=1, description="factor drawn from [1-b, 1+b]")
+    contrast: float = Field(0.2, ge=0, le=1)
+    saturation: float = Field(0.2, ge=0, le=1)
+    hue: float = Field(0.02, ge=0, le=0.5, description="shift drawn from [-h, h], fraction of the colour circle")
+    grayscale: float = Field(0.05, ge=0, le=1, description="probability")
+    blur: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur")
+    blur_sigma: tuple[float, float] = Field((0.1, 1.5))
+
+    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"range must satisfy 0 < low <= high, got {list(v)}")
+        return v
+
+    def scaled(self) -> "AugmentPolicy":
+        """The policy with `strength` applied (and strength 1)."""
+        s = self.strength
+        clip = lambda p: min(1.0, max(0.0, p * s))  # noqa: E731
+        lo, hi = self.crop_scale
+        r_lo, r_hi = self.crop_ratio
+        return self.model_copy(update={
+            "strength": 1.0, "rotation": min(180.0, self.rotation * s),
+            "brightness": clip(self.brightness), "contrast": clip(self.contrast),
+            "saturation": clip(self.saturation), "hue": min(0.5, self.hue * s),
+            "grayscale": clip(self.grayscale), "blur": clip(self.blur),
+            "crop_scale": (max(0.05, 1 - (1 - lo) * s), min(1.0, max(hi, 1 - (1 - lo) * s))),
+            "crop_ratio": (max(0.1, 1 - (1 - r_lo) * s), max(1 - (1 - r_lo) * s, 1 + (r_hi - 1) * s)),
+        })
+
+
+class LoaderConfig(Strict):
+    """How batches are produced. Every backend gives the same batch contract."""
+
+    backend: Literal["dali", "torch", "synthetic"] = "dali"
+    device: Literal["cpu", "gpu"] = "cpu"
+    shards: str = Field("runs/shards", description="shard directory written by `agescale shard`")
+    image_size: int = Field(112, ge=16, le=1024)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    eval_crop_pct: float = Field(1.0, gt=0, le=1, description="eval: resize shorter side to size/crop_pct, centre crop")
+    workers: int | None = Field(None, ge=0, description="DALI threads / DataLoader workers; default: all cores")
+    seed: int = Field(0, ge=0, description="epoch order and augmentation seed")
+    on_bad_sample: Literal["error", "skip"] = "error"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    augment: AugmentPolicy = Field(default_factory=AugmentPolicy)
+
+
 class DataConfig(Strict):
     labels: LabelConfig = Field(default_factory=LabelConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)

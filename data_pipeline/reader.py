@@ -1,0 +1,106 @@
+"""Random access to the samples of one split, through the DALI index files.
+
+The index gives each component's offset and size, so a sample is two slices of a memory-mapped
+tar: no tar parsing at run time, and any sample can be read first, which is what exact
+resume and a global per-epoch order need (see plan.py). Files are mapped lazily, per process,
+so the object can be handed to forked loader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.shard import LABELS_EXT, MANIFEST
+from launch.errors import UserError
+
+IMAGE_EXTS = ("jpg", "png")
+
+
+class DataError(UserError):
+    """Bad data met at read time; the message names the shard and the sample key."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    shard: int
+    key: str
+    image: tuple[int, int]   # offset, size
+    labels: tuple[int, int]
+
+
+class ShardIndex:
+    """All samples of `split` under the shard directory `root`, in stored order."""
+
+    def __init__(self, root: Path | str, split: str):
+        self.root, self.split = Path(root), split
+        mpath = self.root / MANIFEST
+        if not mpath.exists():
+            raise UserError(f"{mpath}: missing; shard the data first (agescale shard ...)")
+        manifest = json.loads(mpath.read_text())
+        if split not in manifest["splits"]:
+            raise UserError(f"{self.root}: no split {split!r} (has: {', '.join(manifest['splits'])})")
+        self.shards: list[Path] = []
+        self.samples: list[SampleRef] = []
+        self._maps: dict[int, mmap.mmap] = {}
+        for shard in manifest["splits"][split]["shards"]:
+            tar, idx = self.root / split / shard["tar"], self.root / split / shard["index"]
+            for path, what in ((tar, "shard"), (idx, "DALI index")):
+                if not path.exists():
+                    raise DataError(f"{path}: {what} missing (run `agescale verify {self.root}`)")
+            size = tar.stat().st_size
+            if size != shard["bytes"]:
+                raise DataError(f"{tar}: {size} bytes, manifest says {shard['bytes']} (truncated or altered)")
+            sid = len(self.shards)
+            self.shards.append(tar)
+            for line in idx.read_text().splitlines()[1:]:
+                p = line.split()
+                comps = {p[i]: (int(p[i + 1]), int(p[i + 2])) for i in range(0, len(p), 4)}
+                ext = next((e for e in IMAGE_EXTS if e in comps), None)
+                key = p[3].split(".", 1)[0]
+                if ext is None or LABELS_EXT not in comps:
+                    raise DataError(f"{idx}: sample {key} lacks an image or {LABELS_EXT}")
+                self.samples.append(SampleRef(sid, key, comps[ext], comps[LABELS_EXT]))
+        self._labels = np.stack([self._read_labels(i) for i in range(len(self.samples))]) if self.samples \
+            else np.zeros((0, 3), "<f4")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_maps"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _maps={})
+
+    def _map(self, shard: int) -> mmap.mmap:
+        m = self._maps.get(shard)
+        if m is None:
+            with self.shards[shard].open("rb") as f:
+                m = self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+    def _slice(self, i: int, span: tuple[int, int]) -> bytes:
+        ref = self.samples[i]
+        m = self._map(ref.shard)
+        off, size = span
+        if off + size > len(m):
+            raise DataError(f"{self.shards[ref.shard]}: sample {ref.key} ends past the end of the file (truncated)")
+        return m[off:off + size]
+
+    def _read_labels(self, i: int) -> np.ndarray:
+        return np.frombuffer(self._slice(i, self.samples[i].labels), dtype="<f4")
+
+    def image_bytes(self, i: int) -> bytes:
+        return self._slice(i, self.samples[i].image)
+
+    def labels(self, idx: np.ndarray) -> np.ndarray:
+        """(n, 3) float32: age, gender (-1 unknown), race (-1 unknown)."""
+        return self._labels[idx]
+
+    def where(self, i: int) -> str:
+        return f"{self.shards[self.samples[i].shard]}, sample {self.samples[i].key}"
