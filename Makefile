@@ -23,6 +23,7 @@ demo: venv
 
 bench: venv
 	$(VENV)/bin/agescale bench shard --out runs/bench/shard.json
+	$(VENV)/bin/agescale bench loader --out runs/bench/loader.json
 
 clean:
 	rm -rf runs .pytest_cache

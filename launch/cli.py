@@ -82,12 +82,21 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_bench_shard(args: argparse.Namespace) -> int:
     from bench.shard import run
 
-    result = run(args.src, workers=args.workers)
+    return _emit(run(args.src, workers=args.workers), args.out)
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    from bench.loader import run
+
+    return _emit(run(args.src, shards=args.shards, images=args.images), args.out)
+
+
+def _emit(result: dict, out: Path | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
     return 0
 
 
@@ -131,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, help="processes for both (default: all cores)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_shard)
+    b = bsub.add_parser("loader", help="loader images/s: DALI-CPU vs torch, 112/224 px, with and without augmentation",
+                        description="Shards the shared images (unless --shards is given) and measures every loader "
+                                    "backend in one run.")
+    b.add_argument("--src", type=Path, default=Path("../shared/data/utkface"), help="folder of UTKFace JPEGs")
+    b.add_argument("--shards", type=Path, help="use this shard directory instead of sharding --src")
+    b.add_argument("--images", type=int, default=2400, help="images timed per measurement")
+    b.add_argument("--out", type=Path, help="also write the JSON here")
+    b.set_defaults(func=cmd_bench_loader)
     return parser
 
 

@@ -32,13 +32,14 @@ if [ ! -f "$target/.deps-$deps_hash" ]; then
   "$PY" -m venv "$target"
   "$target/bin/python" -m pip install -q --upgrade "pip>=24" setuptools wheel
   sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"' > "$target/requirements.txt"
-  "$target/bin/python" -m pip install -q -r "$target/requirements.txt"
+  # (the machine's pip config lists local indexes that print a warning per package; hide those)
+  "$target/bin/python" -m pip install -q -r "$target/requirements.txt" 2> >(grep -v '^WARNING: Location' >&2)
   touch "$target/.deps-$deps_hash"
 fi
 
 # (Re)install this checkout in editable mode when the venv points elsewhere.
 here=$(pwd -P)
 if [ "$(cat "$target/.project-path" 2>/dev/null)" != "$here" ]; then
-  "$target/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+  "$target/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
   echo "$here" > "$target/.project-path"
 fi

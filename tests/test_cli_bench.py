@@ -1,0 +1,38 @@
+"""The CLI's help on every subcommand, and the benchmarks' JSON (shape and arithmetic, not speed)."""
+
+import json
+
+import pytest
+
+import fixtures
+from conftest import run_cli
+
+
+@pytest.mark.parametrize("cmd", [[], ["shard"], ["verify"], ["datasets"], ["bench"], ["bench", "shard"],
+                                 ["bench", "loader"]])
+def test_every_subcommand_has_help(cmd):
+    r = run_cli(*cmd, "--help")
+    assert r.returncode == 0 and "usage: agescale" in r.stdout and len(r.stdout.splitlines()) > 4
+
+
+def test_bench_shard_json(tmp_path, sample_jpegs):
+    src = tmp_path / "src"
+    for f in sample_jpegs[:200]:
+        fixtures.put(f, src / f.name)
+    r = run_cli("bench", "shard", "--src", src, "--out", tmp_path / "b.json", check=True)
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out == json.loads(r.stdout) and out["images"] == 200 and out["target"] == 0.8
+    assert out["ratio"] == pytest.approx(out["agescale_shard_img_s"] / out["bare_decode_img_s"], rel=0.01)
+
+
+def test_bench_loader_json(utk_shards, tmp_path):
+    run_cli("bench", "loader", "--shards", utk_shards, "--images", "128", "--out", tmp_path / "l.json", check=True)
+    out = json.loads((tmp_path / "l.json").read_text())
+    rows = {(r["backend"], r["size"], r["augment"]): r["img_s"] for r in out["results"]}
+    assert len(rows) == 8 and all(v > 0 for v in rows.values()) and out["target"] == 2.0
+    assert out["ratio"] == pytest.approx(rows[("dali-cpu", 112, "default")] / rows[("torch", 112, "default")], rel=0.01)
+
+
+def test_bench_with_missing_source_is_one_line(tmp_path):
+    r = run_cli("bench", "shard", "--src", tmp_path / "nope")
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
