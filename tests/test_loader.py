@@ -203,3 +203,9 @@ def test_gpu_mixed_decode_matches_cpu(utk_shards):
     gpu = next(iter(create_loader(config(utk_shards, device="gpu"), "test")))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
     assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < 0.02
+
+
+def test_state_from_other_data_is_refused(utk_shards):
+    loader = create_loader(config(utk_shards, "torch"), "train")
+    with pytest.raises(UserError, match="num_samples=10"):
+        loader.load_state_dict({**loader.state_dict(), "num_samples": 10})

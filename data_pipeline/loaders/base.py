@@ -52,18 +52,18 @@ class Loader:
                 "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
         for k in ("split", "seed", "num_samples"):
-            if state[k] != getattr(self.cfg if k == "seed" else self, k):
-                raise UserError(f"loader state is for {k}={state[k]!r}, this loader has "
-                                f"{getattr(self.cfg if k == 'seed' else self, k)!r}: not the same data")
+            if state[k] != mine[k]:
+                raise UserError(f"loader state is for {k}={state[k]!r}, this loader has {mine[k]!r}: not the same data")
         self.epoch, self.offset = state["epoch"], state["offset"]
 
     # ------------------------------------------------------------ batches
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan()
-        for (idx, valid), images in zip(zip(plan.batches, plan.valid), self._images(plan)):
+        for idx, valid, (images, bad) in zip(plan.batches, plan.valid, self._images(plan)):
             self.offset += len(idx) * self.world
-            yield self._batch(idx, valid, images)
+            yield self._batch(idx, valid, images, bad)
         self.epoch, self.offset = self.epoch + 1, 0
 
     def _params(self, idx: np.ndarray) -> np.ndarray | None:
@@ -75,8 +75,7 @@ class Loader:
             self._params_epoch = self.epoch
         return self._epoch_params[idx]
 
-    def _batch(self, idx: np.ndarray, valid: np.ndarray, images) -> dict:
-        images, bad = images
+    def _batch(self, idx: np.ndarray, valid: np.ndarray, images: torch.Tensor, bad: set[int]) -> dict:
         labels = self.labels(idx)
         valid = valid.copy()
         valid[list(bad)] = False
