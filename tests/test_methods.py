@@ -1,0 +1,71 @@
+"""Age-method losses and decoding rules against values computed by hand on small inputs."""
+
+import math
+
+import pytest
+import torch
+
+from trainer.methods import create_method, list_methods
+from launch.errors import UserError
+
+
+def test_registry():
+    assert {m.name for m in list_methods()} == {"l1", "l2", "smooth_l1", "dex", "coral", "mean_variance",
+                                                 "mean_residue", "ldl"}
+    with pytest.raises(UserError, match="unknown age method 'dldl'"):
+        create_method("dldl")
+
+
+def test_regression_losses():
+    out, age = torch.tensor([[0.5], [-0.25]]), torch.tensor([40.0, 30.0])  # predictions 45 and 30
+    assert create_method("l1").predict(out).tolist() == [45.0, 30.0]
+    assert create_method("l1").loss(out, age)["loss"].item() == pytest.approx(2.5)
+    assert create_method("l2").loss(out, age)["loss"].item() == pytest.approx(12.5)
+    assert create_method("smooth_l1").loss(out, age)["loss"].item() == pytest.approx(2.25)
+
+
+def test_dex_is_the_softmax_expectation():
+    m = create_method("dex", min_age=0, max_age=2)
+    out = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))
+    assert m.predict(out).item() == pytest.approx(1.0)
+    assert m.loss(out, torch.tensor([1.0]))["loss"].item() == pytest.approx(-math.log(0.5))
+
+
+def test_coral_loss_prediction_and_rank_consistency():
+    m = create_method("coral", min_age=0, max_age=3)
+    out = torch.zeros(1, 3)
+    assert m.loss(out, torch.tensor([2.0]))["loss"].item() == pytest.approx(3 * math.log(2))
+    assert m.predict(out).item() == pytest.approx(1.5)
+    head = m.head(16)
+    p = torch.sigmoid(head(torch.randn(8, 16)))
+    assert torch.all(p[:, 1:] <= p[:, :-1] + 1e-7)          # non-increasing in the rank
+    dist = m.distribution(head(torch.randn(4, 16)))
+    assert torch.allclose(dist.sum(1), torch.ones(4))
+
+
+def test_mean_variance_formula():
+    m = create_method("mean_variance", min_age=0, max_age=2)
+    out = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))          # p = .25 .5 .25: mean 1, variance .5
+    parts = m.loss(out, torch.tensor([2.0]))
+    assert parts["mean"].item() == pytest.approx(0.5) and parts["variance"].item() == pytest.approx(0.5)
+    assert parts["loss"].item() == pytest.approx(-math.log(0.25) + 0.2 * 0.5 + 0.05 * 0.5)
+
+
+def test_mean_residue_entropy_outside_dynamic_top_k():
+    m = create_method("mean_residue", min_age=0, max_age=3)
+    p = torch.tensor([[0.05, 0.7, 0.05, 0.2], [0.25, 0.25, 0.25, 0.25]])
+    # row 0: top ages .7 + .2 reach .9, the two .05 are the residue; row 1: .25 * 3 < .9, keep all 4
+    assert m.residue(p).tolist() == pytest.approx([-2 * 0.05 * math.log(0.05), 0.0])
+    parts = m.loss(torch.log(p), torch.tensor([1.0, 2.0]))
+    assert parts["loss"].item() == pytest.approx(
+        (parts["softmax"] + 0.2 * parts["mean"] + 0.1 * parts["residue"]).item())
+
+
+def test_ldl_target_and_zero_kl_at_the_target():
+    m = create_method("ldl", min_age=0, max_age=100)
+    t = m.target(torch.tensor([30.0]))
+    assert t.sum().item() == pytest.approx(1.0) and t.argmax().item() == 30
+    logits = -0.5 * ((torch.arange(101.0) - 30) / 2.0)[None] ** 2   # the target's log, unnormalised
+    assert m.loss(logits, torch.tensor([30.0]))["loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert m.loss(logits, torch.tensor([40.0]))["loss"].item() > 1.0
+    assert m.predict(logits).item() == pytest.approx(30.0, abs=1e-3)

@@ -1,0 +1,73 @@
+"""Age methods: each one file, registered by name with its head, loss, decoding rule and (where
+it has one) its age distribution. Adding a method is one new module plus its import below.
+
+A method sees the head's raw outputs (N, out_features) and ages in years (N,). `loss` returns
+its parts (timm-style) with the total under "loss"; `predict` turns outputs into ages;
+`distribution` gives (N, K) probabilities over the integer ages min_age..max_age, or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from launch.errors import UserError
+
+
+class AgeMethod:
+    """Base: a plain linear head; subclasses define the rest."""
+
+    name = ""
+    summary = ""
+
+    def __init__(self, min_age: int = 0, max_age: int = 100):
+        if not 0 <= min_age < max_age:
+            raise UserError(f"age range [{min_age}, {max_age}] is empty")
+        self.min_age, self.max_age = min_age, max_age
+        self.num_ages = max_age - min_age + 1
+        self.ages = torch.arange(min_age, max_age + 1, dtype=torch.float32)
+
+    @property
+    def out_features(self) -> int:
+        return self.num_ages
+
+    def head(self, in_features: int) -> nn.Module:
+        return nn.Linear(in_features, self.out_features)
+
+    def loss(self, out: torch.Tensor, age: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, out: torch.Tensor) -> torch.Tensor:
+        p = self.distribution(out)
+        return p @ self.ages.to(p)
+
+    def distribution(self, out: torch.Tensor) -> torch.Tensor | None:
+        return torch.softmax(out.float(), dim=1)
+
+    def age_index(self, age: torch.Tensor) -> torch.Tensor:
+        return (age.round().clamp(self.min_age, self.max_age) - self.min_age).long()
+
+
+_REGISTRY: dict[str, Callable[..., AgeMethod]] = {}
+
+
+def register_method(cls: type[AgeMethod]) -> type[AgeMethod]:
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"age method {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[type[AgeMethod]]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def create_method(name: str, **kwargs) -> AgeMethod:
+    if name not in _REGISTRY:
+        raise UserError(f"unknown age method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**kwargs)
+
+
+from trainer.methods import classification, coral, distribution, regression  # noqa: E402,F401

@@ -1,0 +1,15 @@
+"""DEX: cross-entropy over integer ages; the prediction is the softmax expectation."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from trainer.methods import AgeMethod, register_method
+
+
+@register_method
+class Dex(AgeMethod):
+    name, summary = "dex", "classification over ages, softmax expectation (DEX)"
+
+    def loss(self, out, age):
+        return {"loss": F.cross_entropy(out.float(), self.age_index(age))}

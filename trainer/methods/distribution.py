@@ -1,0 +1,72 @@
+"""Methods that shape the predicted age distribution.
+
+- mean_variance (Pan et al. 2018): softmax loss + l1 * (mean - y)^2 / 2 + l2 * variance.
+- mean_residue (adaptive, Zhao et al.): softmax loss + l1 * mean loss + l2 * the entropy of
+  the probability mass outside a dynamic top-K, K being per sample the fewest ages whose
+  probabilities add up to `mass` (0.9), at least `min_k`.
+- ldl: label-distribution learning: KL divergence to a Gaussian around the true age
+  (sigma 2 years).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.methods import AgeMethod, register_method
+
+
+def mean_and_variance(p: torch.Tensor, ages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = p @ ages
+    var = (p * (ages[None] - mean[:, None]) ** 2).sum(1)
+    return mean, var
+
+
+@register_method
+class MeanVariance(AgeMethod):
+    name, summary = "mean_variance", "softmax + mean loss + variance loss (Pan et al. 2018)"
+    lambda_mean, lambda_var = 0.2, 0.05
+
+    def loss(self, out, age):
+        logits = out.float()
+        mean, var = mean_and_variance(torch.softmax(logits, 1), self.ages.to(logits))
+        parts = {"softmax": F.cross_entropy(logits, self.age_index(age)),
+                 "mean": 0.5 * ((mean - age.float()) ** 2).mean(), "variance": var.mean()}
+        parts["loss"] = parts["softmax"] + self.lambda_mean * parts["mean"] + self.lambda_var * parts["variance"]
+        return parts
+
+
+@register_method
+class MeanResidue(AgeMethod):
+    name, summary = "mean_residue", "softmax + mean loss + entropy outside a dynamic top-K (adaptive)"
+    lambda_mean, lambda_residue, mass, min_k = 0.2, 0.1, 0.9, 2
+
+    def residue(self, p: torch.Tensor) -> torch.Tensor:
+        sorted_p, _ = p.sort(dim=1, descending=True)
+        before = sorted_p.cumsum(1) - sorted_p           # mass of the higher-ranked ages
+        keep = (before < self.mass) | (torch.arange(p.shape[1], device=p.device)[None] < self.min_k)
+        tail = sorted_p * (~keep)
+        return -(tail * torch.log(tail.clamp_min(1e-12))).sum(1)
+
+    def loss(self, out, age):
+        logits = out.float()
+        p = torch.softmax(logits, 1)
+        mean, _ = mean_and_variance(p, self.ages.to(logits))
+        parts = {"softmax": F.cross_entropy(logits, self.age_index(age)),
+                 "mean": 0.5 * ((mean - age.float()) ** 2).mean(), "residue": self.residue(p).mean()}
+        parts["loss"] = parts["softmax"] + self.lambda_mean * parts["mean"] + self.lambda_residue * parts["residue"]
+        return parts
+
+
+@register_method
+class LabelDistribution(AgeMethod):
+    name, summary = "ldl", "label-distribution learning: KL to a Gaussian around the age"
+    sigma = 2.0
+
+    def target(self, age: torch.Tensor) -> torch.Tensor:
+        d = self.ages.to(age.device)[None] - age.float()[:, None]
+        t = torch.exp(-0.5 * (d / self.sigma) ** 2)
+        return t / t.sum(1, keepdim=True)
+
+    def loss(self, out, age):
+        return {"loss": F.kl_div(torch.log_softmax(out.float(), 1), self.target(age), reduction="batchmean")}
