@@ -8,14 +8,16 @@ so the object can be handed to forked loader workers.
 
 from __future__ import annotations
 
-import json
+import io
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from data_pipeline.shard import LABELS_EXT, MANIFEST
+from data_pipeline.shard import LABELS_EXT, load_manifest
+from data_pipeline.tarshard import read_index
 from launch.errors import UserError
 
 IMAGE_EXTS = ("jpg", "png")
@@ -23,6 +25,12 @@ IMAGE_EXTS = ("jpg", "png")
 
 class DataError(UserError):
     """Bad data met at read time; the message names the shard and the sample key."""
+
+
+def batch_error(messages: list[str]) -> DataError:
+    """One error for a batch's bad samples: the first, and how many more."""
+    more = f" (and {len(messages) - 1} more in this batch)" if len(messages) > 1 else ""
+    return DataError(messages[0] + more)
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,7 @@ class ShardIndex:
 
     def __init__(self, root: Path | str, split: str):
         self.root, self.split = Path(root), split
-        mpath = self.root / MANIFEST
-        if not mpath.exists():
-            raise UserError(f"{mpath}: missing; shard the data first (agescale shard ...)")
-        manifest = json.loads(mpath.read_text())
+        manifest = load_manifest(self.root)
         if split not in manifest["splits"]:
             raise UserError(f"{self.root}: no split {split!r} (has: {', '.join(manifest['splits'])})")
         self.shards: list[Path] = []
@@ -57,11 +62,12 @@ class ShardIndex:
                 raise DataError(f"{tar}: {size} bytes, manifest says {shard['bytes']} (truncated or altered)")
             sid = len(self.shards)
             self.shards.append(tar)
-            for line in idx.read_text().splitlines()[1:]:
-                p = line.split()
-                comps = {p[i]: (int(p[i + 1]), int(p[i + 2])) for i in range(0, len(p), 4)}
+            try:
+                entries = read_index(idx)
+            except ValueError as e:
+                raise DataError(f"{idx}: malformed DALI index ({e})") from None
+            for key, comps in entries:
                 ext = next((e for e in IMAGE_EXTS if e in comps), None)
-                key = p[3].split(".", 1)[0]
                 if ext is None or LABELS_EXT not in comps:
                     raise DataError(f"{idx}: sample {key} lacks an image or {LABELS_EXT}")
                 self.samples.append(SampleRef(sid, key, comps[ext], comps[LABELS_EXT]))
@@ -97,6 +103,16 @@ class ShardIndex:
 
     def image_bytes(self, i: int) -> bytes:
         return self._slice(i, self.samples[i].image)
+
+    def decode(self, i: int) -> Image.Image:
+        """Sample i as an RGB PIL image (EXIF orientation applied, as DALI does); DataError
+        naming the shard and key if it cannot be decoded."""
+        data = self.image_bytes(i)
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                return ImageOps.exif_transpose(im).convert("RGB")
+        except Exception as e:  # PIL raises many types for bad data
+            raise DataError(f"{self.where(i)}: undecodable image ({type(e).__name__}: {e})") from None
 
     def labels(self, idx: np.ndarray) -> np.ndarray:
         """(n, 3) float32: age, gender (-1 unknown), race (-1 unknown)."""

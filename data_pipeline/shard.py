@@ -19,7 +19,7 @@ import shutil
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +43,29 @@ LABEL_FORMAT = {
 }
 
 
-@dataclass
-class ShardResult:
-    out: Path
-    manifest: dict
-    rejected: list[Rejected] = field(default_factory=list)
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_manifest(root: Path) -> dict:
+    """The manifest of a shard directory; UserError naming the file when it is missing or broken."""
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root}: no such shard directory")
+    if not path.exists():
+        raise UserError(f"{path}: missing (shard the data first: agescale shard ...)")
+    try:
+        manifest = json.loads(path.read_text())
+        for split, info in manifest["splits"].items():
+            for shard in info["shards"]:
+                shard["tar"], shard["index"], shard["bytes"], shard["samples"], shard["sha256"]  # noqa: B018
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not an agescale manifest ({type(e).__name__}: {e})") from None
+    return manifest
 
 
 def label_vector(rec: FaceRecord) -> bytes:
@@ -65,6 +75,8 @@ def label_vector(rec: FaceRecord) -> bytes:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         old = out / MANIFEST
         if not overwrite:
@@ -169,8 +181,9 @@ def write_shard(job: ShardJob) -> ShardOutcome:
 
 
 def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConfig, *,
-                   overwrite: bool = False, resolved_config: dict | None = None) -> ShardResult:
-    """Shard one or more (dataset name, source path) pairs into `out`. See the module docstring."""
+                   overwrite: bool = False, resolved_config: dict | None = None) -> dict:
+    """Shard one or more (dataset name, source path) pairs into `out`; returns the manifest.
+    See the module docstring."""
     sc = cfg.shard
     records, rejected, per_source = _collect(sources, cfg)
     for key, stats in per_source.items():
@@ -241,4 +254,4 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
     tmp = out / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST)  # last: a shard set without a manifest is incomplete
-    return ShardResult(out, manifest, rejected)
+    return manifest

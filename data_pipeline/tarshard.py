@@ -48,6 +48,24 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
+def read_index(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """A DALI index as [(sample key, {extension: (data offset, size)})]; ValueError if malformed."""
+    lines = path.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != DALI_INDEX_VERSION:
+        raise ValueError(f"first line should be '{DALI_INDEX_VERSION} <samples>', got {lines[:1]}")
+    entries = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            raise ValueError(f"line {n}: expected groups of '<ext> <offset> <size> <name>'")
+        comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
+        entries.append((parts[3].split(".", 1)[0], comps))
+    if int(head[1]) != len(entries):
+        raise ValueError(f"header says {head[1]} samples, lists {len(entries)}")
+    return entries
+
+
 class ShardWriter:
     """Context manager: `write(key, {ext: bytes})` per sample; `info` after closing.
 

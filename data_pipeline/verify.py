@@ -8,27 +8,14 @@ Returns the list of problems, each naming the file.
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
 
-from data_pipeline.shard import LABELS_EXT, MANIFEST, sha256_file
-from launch.errors import UserError
+from data_pipeline.shard import LABELS_EXT, load_manifest, sha256_file
+from data_pipeline.tarshard import read_index
 
 IMAGE_EXTS = {"jpg", "png"}
-
-
-def load_manifest(root: Path) -> dict:
-    path = root / MANIFEST
-    if not root.is_dir():
-        raise UserError(f"{root}: no such shard directory")
-    if not path.exists():
-        raise UserError(f"{path}: missing (incomplete or not an agescale shard directory)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def _tar_samples(tar_path: Path) -> "OrderedDict[str, dict[str, tuple[int, int]]]":
@@ -46,22 +33,6 @@ def _tar_samples(tar_path: Path) -> "OrderedDict[str, dict[str, tuple[int, int]]
             if ext == LABELS_EXT and len(data) != 12:
                 raise tarfile.ReadError(f"{m.name}: label vector has {len(data)} bytes, expected 12")
     return samples
-
-
-def _index_entries(idx_path: Path) -> list[dict[str, tuple[int, int]]]:
-    lines = idx_path.read_text().splitlines()
-    version, count = lines[0].split()
-    entries = []
-    for line in lines[1:]:
-        parts = line.split()
-        entry = {}
-        for i in range(0, len(parts), 4):
-            ext, offset, size, _name = parts[i:i + 4]
-            entry[ext] = (int(offset), int(size))
-        entries.append(entry)
-    if int(count) != len(entries):
-        raise ValueError(f"header says {count} samples, lists {len(entries)}")
-    return entries
 
 
 def verify_shards(root: Path) -> tuple[list[str], int]:
@@ -101,8 +72,8 @@ def verify_shards(root: Path) -> tuple[list[str], int]:
             if sha256_file(idx_path) != shard["index_sha256"]:
                 problems.append(f"{iname}: sha256 differs from the manifest (altered)")
             try:
-                entries = _index_entries(idx_path)
-            except (ValueError, IndexError) as e:
+                entries = [comps for _, comps in read_index(idx_path)]
+            except ValueError as e:
                 problems.append(f"{iname}: malformed index ({e})")
                 continue
             if entries != list(samples.values()):

@@ -46,9 +46,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
         if getattr(args, flag) is not None:
             extra.append(f"data.shard.{key}={getattr(args, flag)}")
     cfg = _config(args, extra)
-    result = shard_datasets(list(zip(args.dataset, args.src)), args.out, cfg.data, overwrite=args.overwrite,
-                            resolved_config=resolved(cfg))
-    m = result.manifest
+    m = shard_datasets(list(zip(args.dataset, args.src)), args.out, cfg.data, overwrite=args.overwrite,
+                       resolved_config=resolved(cfg))
     for split, info in m["splits"].items():
         print(f"{split:>6}: {info['count']:6d} samples in {len(info['shards'])} shards")
     print(f"rejected: {len(m['rejected'])} (reasons in {args.out / 'manifest.json'})")

@@ -109,6 +109,11 @@ def test_csv_without_header_and_bad_header(tmp_path, sample_jpegs):
     (tmp_path / "plain.csv").write_text("a.jpg,30,1\n")
     recs, _ = read("csv", tmp_path / "plain.csv")
     assert [(r.age, r.gender) for r in recs] == [(30, 1)]
+    (tmp_path / "latin1.csv").write_bytes("path,age\nJosé.jpg,30\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin1.csv: not UTF-8 text"):
+        read("csv", tmp_path / "latin1.csv")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfpath,age\na.jpg,31\n")
+    assert [r.age for r in read("csv", tmp_path / "bom.csv")[0]] == [31]
     (tmp_path / "bad.csv").write_text("path,years\na.jpg,30\n")
     with pytest.raises(UserError, match="bad.csv: header lacks column"):
         read("csv", tmp_path / "bad.csv")

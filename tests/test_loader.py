@@ -88,9 +88,9 @@ def test_two_ranks_see_every_eval_sample_once(utk_shards, backend):
 
 
 def test_train_ranks_are_disjoint_with_equal_batches(utk_shards):
-    cfg = config(utk_shards, "synthetic")
-    cfg.loader.backend = "torch"
+    cfg = config(utk_shards, "torch")
     plans = [create_loader(cfg, "train", rank=r, world_size=3).plan() for r in range(3)]
+    assert len(plans[0].batches) == 4800 // 3 // 32
     assert len({len(p.batches) for p in plans}) == 1
     flat = [set(p.batches.ravel().tolist()) for p in plans]
     assert not (flat[0] & flat[1]) and not (flat[1] & flat[2]) and not (flat[0] & flat[2])
@@ -127,8 +127,7 @@ def test_restart_at_batch_k_gives_the_same_batches(utk_shards, backend):
 
 
 def test_resume_at_another_world_size_consumes_the_rest_once(utk_shards):
-    cfg = config(utk_shards, "synthetic", batch=10)
-    cfg.loader.backend = "torch"
+    cfg = config(utk_shards, "torch", batch=10)
     ranks = [create_loader(cfg, "train", rank=r, world_size=2) for r in range(2)]
     consumed = set()
     for r in ranks:  # each rank trains 7 batches, then the job stops
@@ -181,6 +180,9 @@ def test_truncated_and_missing_files_are_named(utk_shards_copy):
         create_loader(config(utk_shards_copy), "test")
     with pytest.raises(UserError, match="no split 'holdout'"):
         create_loader(config(utk_shards_copy), "holdout")
+    (utk_shards_copy / "manifest.json").write_text('{"splits": {"val": {}}}')
+    with pytest.raises(UserError, match="manifest.json: not an agescale manifest"):
+        create_loader(config(utk_shards_copy), "val")
 
 
 def test_augment_params_depend_only_on_seed_epoch_sample():

@@ -113,9 +113,18 @@ def test_verify_passes_then_names_altered_truncated_and_missing_shards(utk_shard
     assert len(lines) == 5  # truncation also breaks reading the tar: two lines for val-000001
 
 
-def test_verify_without_manifest_is_one_line_error(tmp_path):
+def test_verify_without_or_with_a_broken_manifest_is_one_line_error(tmp_path):
     r = run_cli("verify", tmp_path)
     assert r.returncode == 2 and "manifest.json: missing" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "manifest.json").write_text('{"splits": {"train": {"shards": [{"tar": "x"}]}}}')
+    r = run_cli("verify", tmp_path)
+    assert r.returncode == 2 and "not an agescale manifest" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_out_that_is_a_file_is_one_line_error(tmp_path, sample_jpegs):
+    (tmp_path / "out").write_text("")
+    r = run_cli("shard", "--dataset", "utkface", "--src", sample_jpegs[0].parent, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "is a file, not a directory" in r.stderr
 
 
 def test_bad_files_are_listed_and_the_rest_sharded(tmp_path, sample_jpegs):

@@ -11,12 +11,13 @@ split is kept only in the original id: agescale makes its own splits.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import register_dataset
-from data_pipeline.datasets.files import parse_gender
+from data_pipeline.datasets.files import parse_gender, read_text
 from data_pipeline.records import FaceRecord, Rejected
 from launch.errors import UserError
 
@@ -30,13 +31,12 @@ def _categories(src: Path, split: str) -> dict[str, tuple[int | None, int | None
     if not path.exists():
         return {}
     out = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                gender = parse_gender(row.get("gender", ""))
-            except ValueError:
-                gender = None
-            out[row["file"]] = (gender, RACES.get(row.get("race", "").strip().lower()))
+    for row in csv.DictReader(io.StringIO(read_text(path), newline="")):
+        try:
+            gender = parse_gender(row.get("gender", ""))
+        except ValueError:
+            gender = None
+        out[row["file"]] = (gender, RACES.get(row.get("race", "").strip().lower()))
     return out
 
 
@@ -48,22 +48,21 @@ def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
     age_column = "real_age" if cfg.appa_real_age == "real" else "apparent_age_avg"
     for split, table in tables:
         cats = _categories(src, split)
-        with table.open(newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"file_name", age_column} - set(reader.fieldnames or [])
-            if missing:
-                raise UserError(f"{table}: missing column(s) {', '.join(sorted(missing))}")
-            for line, row in enumerate(reader, start=2):
-                name = row["file_name"].strip()
-                rid = f"{split}/{name}"
-                try:
-                    age = float(row[age_column])
-                except ValueError:
-                    yield Rejected(SOURCE, rid, f"{table.name} line {line}: {age_column} {row[age_column]!r} is not a number")
-                    continue
-                image = src / split / (f"{name}_face.jpg" if cfg.appa_real_face_crops else name)
-                if not image.exists():
-                    yield Rejected(SOURCE, rid, f"image file {image.relative_to(src)} not found")
-                    continue
-                gender, race = cats.get(name, (None, None))
-                yield FaceRecord(image=image, age=age, gender=gender, race=race, source=SOURCE, original_id=rid)
+        reader = csv.DictReader(io.StringIO(read_text(table), newline=""))
+        missing = {"file_name", age_column} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{table}: missing column(s) {', '.join(sorted(missing))}")
+        for line, row in enumerate(reader, start=2):
+            name = row["file_name"].strip()
+            rid = f"{split}/{name}"
+            try:
+                age = float(row[age_column])
+            except ValueError:
+                yield Rejected(SOURCE, rid, f"{table.name} line {line}: {age_column} {row[age_column]!r} is not a number")
+                continue
+            image = src / split / (f"{name}_face.jpg" if cfg.appa_real_face_crops else name)
+            if not image.exists():
+                yield Rejected(SOURCE, rid, f"image file {image.relative_to(src)} not found")
+                continue
+            gender, race = cats.get(name, (None, None))
+            yield FaceRecord(image=image, age=age, gender=gender, race=race, source=SOURCE, original_id=rid)

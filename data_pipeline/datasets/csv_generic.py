@@ -8,12 +8,13 @@ or empty for unknown. A row with a bad value is rejected with its line number an
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import register_dataset
-from data_pipeline.datasets.files import parse_gender
+from data_pipeline.datasets.files import parse_gender, read_text
 from data_pipeline.records import FaceRecord, Rejected
 from launch.errors import UserError
 
@@ -25,8 +26,7 @@ COLUMNS = ("path", "age", "gender", "race", "subject")
 def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
     if not src.is_file():
         raise UserError(f"--src {src}: the csv dataset expects a CSV file")
-    with src.open(newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(src), newline="")))
     if not rows:
         raise UserError(f"{src}: empty CSV")
     header = [c.strip().lower() for c in rows[0]]

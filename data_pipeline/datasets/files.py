@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from launch.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -26,6 +28,16 @@ def image_files(root: Path) -> Iterator[Path]:
 
 def relative_id(path: Path, root: Path) -> str:
     return path.name if root.is_file() else path.relative_to(root).as_posix()
+
+
+def read_text(path: Path) -> str:
+    """A dataset's label file as text (UTF-8, BOM allowed); UserError naming it otherwise."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def parse_gender(text: str) -> int | None:

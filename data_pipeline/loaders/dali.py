@@ -18,7 +18,7 @@ import torch
 
 from data_pipeline.augment import dali_images
 from data_pipeline.loaders.base import Loader
-from data_pipeline.reader import DataError
+from data_pipeline.reader import DataError, batch_error
 
 PREFETCH = 2
 # DALI 2.4's CPU decoder can crash the process (segfault) on bytes that are no image at all
@@ -66,8 +66,7 @@ class DaliLoader(Loader):
     def _stand_ins(self, idx: np.ndarray, bad: dict[int, str], replace: dict[int, int]) -> dict[int, int]:
         """Error mode: raise naming the sample. Skip mode: a good sample of the batch stands in."""
         if self.cfg.on_bad_sample == "error":
-            raise DataError(next(iter(bad.values())) + (f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1
-                                                        else "")) from None
+            raise batch_error(list(bad.values())) from None
         good = [pos for pos in range(len(idx)) if pos not in bad and pos not in replace]
         if not good:
             raise DataError(f"every sample of a batch is undecodable, e.g. {next(iter(bad.values()))}") from None
@@ -84,16 +83,12 @@ class DaliLoader(Loader):
 
     def _find_bad(self, idx: np.ndarray) -> dict[int, str]:
         """Which samples of a failed batch are undecodable (only on the error path)."""
-        import io
-
-        from PIL import Image
         bad = {}
         for pos, i in enumerate(idx):
             try:
-                with Image.open(io.BytesIO(self.index.image_bytes(i))) as im:
-                    im.load()
-            except Exception as e:  # PIL raises many types for bad data
-                bad[pos] = f"{self.index.where(i)}: undecodable image ({type(e).__name__}: {e})"
+                self.index.decode(i)
+            except DataError as e:
+                bad[pos] = str(e)
         return bad
 
     def _images(self, plan):

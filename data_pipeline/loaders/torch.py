@@ -9,17 +9,15 @@ crashes the child, and a fresh worker per epoch would pay for importing torch ea
 
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.augment import torch_image
 from data_pipeline.loaders.base import Loader
-from data_pipeline.reader import DataError
+from data_pipeline.reader import DataError, batch_error
 
 
 class _DecodeBatch(Dataset):
@@ -33,15 +31,10 @@ class _DecodeBatch(Dataset):
         images, bad, errors = {}, [], []
         for pos, i in enumerate(idx):
             try:
-                with Image.open(io.BytesIO(self.index.image_bytes(i))) as im:
-                    pil = ImageOps.exif_transpose(im).convert("RGB")
+                pil = self.index.decode(i)
             except DataError as e:
                 bad.append(pos)
                 errors.append(str(e))
-                continue
-            except Exception as e:  # PIL raises many types for bad data
-                bad.append(pos)
-                errors.append(f"{self.index.where(i)}: undecodable image ({type(e).__name__}: {e})")
                 continue
             images[pos] = torch_image(pil, None if params is None else params[pos], self.cfg, self.train)
         if not images:
@@ -89,6 +82,6 @@ class TorchLoader(Loader):
         self._dealer.items = [(b, self._params(b)) for b in plan.batches]
         for images, bad, errors in dl:
             if errors and (self.cfg.on_bad_sample == "error" or images is None):
-                raise DataError(errors[0] + (f" (and {len(errors) - 1} more in this batch)" if len(errors) > 1 else ""))
+                raise batch_error(errors)
             self.skipped += len(bad)
             yield images, set(bad)
