@@ -49,7 +49,7 @@ def test_fgnet(tmp_path, sample_jpegs):
     recs, rej = read("fgnet", tmp_path)
     assert {r.original_id: r.age for r in recs} == ages
     assert {r.subject for r in recs} == {f"{i:03d}" for i in range(1, 7)}
-    assert [r.input for r in rej] == ["notes.jpg"] and "SSSAyy" in rej[0].reason
+    assert [r.input for r in rej] == ["notes.jpg"] and "bad file name: expected SSSAyy" in rej[0].reason
 
 
 def test_agedb(tmp_path, sample_jpegs):

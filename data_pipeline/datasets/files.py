@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from data_pipeline.records import FaceRecord, Rejected
 from launch.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -28,6 +29,19 @@ def image_files(root: Path) -> Iterator[Path]:
 
 def relative_id(path: Path, root: Path) -> str:
     return path.name if root.is_file() else path.relative_to(root).as_posix()
+
+
+def records_from_names(src: Path, source: str, parse: Callable[[str], dict]) -> Iterator[FaceRecord | Rejected]:
+    """For datasets whose labels live in the file name: `parse(name)` returns the FaceRecord's
+    label fields or raises ValueError saying what is wrong with the name."""
+    for path in image_files(src):
+        rid = relative_id(path, src)
+        try:
+            labels = parse(path.name)
+        except ValueError as e:
+            yield Rejected(source, rid, f"bad file name: {e}")
+            continue
+        yield FaceRecord(image=path, source=source, original_id=rid, **labels)
 
 
 def read_text(path: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import register_dataset
-from data_pipeline.datasets.files import image_files, relative_id
+from data_pipeline.datasets.files import records_from_names
 from data_pipeline.records import FaceRecord, Rejected
 
 SOURCE = "utkface"
@@ -41,13 +41,11 @@ def parse_name(name: str) -> tuple[int, int, int]:
     return int(age), int(gender), int(race)
 
 
+def _labels(name: str) -> dict:
+    age, gender, race = parse_name(name)
+    return {"age": float(age), "gender": gender, "race": race}
+
+
 @register_dataset("utkface", "UTKFace folder; labels from [age]_[gender]_[race]_[datetime].jpg[.chip.jpg]")
 def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
-    for path in image_files(src):
-        rid = relative_id(path, src)
-        try:
-            age, gender, race = parse_name(path.name)
-        except ValueError as e:
-            yield Rejected(SOURCE, rid, f"bad file name: {e}")
-            continue
-        yield FaceRecord(image=path, age=float(age), gender=gender, race=race, source=SOURCE, original_id=rid)
+    return records_from_names(src, SOURCE, _labels)
