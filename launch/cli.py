@@ -76,6 +76,14 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from trainer.methods import list_methods
+
+    for m in list_methods():
+        print(f"{m.name:<14} {m.summary}")
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 
 def cmd_bench_shard(args: argparse.Namespace) -> int:
@@ -128,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list dataset formats", description="List the registered dataset adapters.")
     p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("methods", help="list age methods (model.method)",
+                       description="List the registered age-estimation methods, selected by model.method.")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench", help="benchmarks (JSON with ratio and target)",
                        description="Benchmarks; each prints JSON whose `ratio` is compared with `target`.")

@@ -16,10 +16,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from data_pipeline.config import DataConfig, Strict
 from launch.errors import UserError
+from trainer.config import ModelConfig
 
 
 class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,7 +8,7 @@ import fixtures
 from conftest import run_cli
 
 
-@pytest.mark.parametrize("cmd", [[], ["shard"], ["verify"], ["datasets"], ["bench"], ["bench", "shard"],
+@pytest.mark.parametrize("cmd", [[], ["shard"], ["verify"], ["datasets"], ["bench"], ["bench", "shard"], ["methods"],
                                  ["bench", "loader"]])
 def test_every_subcommand_has_help(cmd):
     r = run_cli(*cmd, "--help")

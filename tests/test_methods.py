@@ -11,7 +11,7 @@ from launch.errors import UserError
 
 def test_registry():
     assert {m.name for m in list_methods()} == {"l1", "l2", "smooth_l1", "dex", "coral", "mean_variance",
-                                                 "mean_residue", "ldl"}
+                                                 "mean_residue", "ldl", "drf"}
     with pytest.raises(UserError, match="unknown age method 'dldl'"):
         create_method("dldl")
 
@@ -69,3 +69,21 @@ def test_ldl_target_and_zero_kl_at_the_target():
     assert m.loss(logits, torch.tensor([30.0]))["loss"].item() == pytest.approx(0.0, abs=1e-6)
     assert m.loss(logits, torch.tensor([40.0]))["loss"].item() > 1.0
     assert m.predict(logits).item() == pytest.approx(30.0, abs=1e-3)
+
+
+def test_forest_loss_is_the_mixture_nll():
+    m = create_method("drf", min_age=0, max_age=100)
+    head = m.head(8)
+    with torch.no_grad():
+        head.mu.fill_(60.0)
+        head.mu[:, 0] = 30.0
+        head.log_sigma.fill_(math.log(2.0))
+    leaves = 2 ** m.depth
+    route = torch.zeros(1, m.trees, leaves)
+    route[:, :, 0] = 0.5
+    route[:, :, 1] = 0.5            # half the mass on the leaf at 30, half on one at 60
+    out = route.flatten(1)
+    gauss = lambda y, mu: math.exp(-0.5 * ((y - mu) / 2) ** 2) / (2 * math.sqrt(2 * math.pi))  # noqa: E731
+    assert m.loss(out, torch.tensor([31.0]))["loss"].item() == pytest.approx(
+        -math.log(0.5 * gauss(31, 30) + 0.5 * gauss(31, 60)), rel=1e-5)
+    assert m.predict(out).item() == pytest.approx(45.0)

@@ -70,4 +70,4 @@ def create_method(name: str, **kwargs) -> AgeMethod:
     return _REGISTRY[name](**kwargs)
 
 
-from trainer.methods import classification, coral, distribution, regression  # noqa: E402,F401
+from trainer.methods import classification, coral, distribution, forest, regression  # noqa: E402,F401
