@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,22 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        test = summary.get("test", {})
+        print(f"run: {cfg.train.run_dir}")
+        print(f"best validation MAE: {summary['best_val_mae']:.2f}")
+        if test:
+            print(f"test MAE: {test['mae']:.2f}  CS@5: {test['cs@5']:.3f}  "
+                  f"gender accuracy: {test.get('gender_accuracy', float('nan')):.3f}  ({test['count']} images)")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from trainer.methods import list_methods
 
@@ -136,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", help="list dataset formats", description="List the registered dataset adapters.")
     p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("train", help="train a model (one process, or distributed under torchrun / SLURM)",
+                       description="Train with DeepSpeed as CONFIG says. Under torchrun or srun it runs distributed "
+                                   "(gloo on CPU, nccl on GPU). SIGTERM/SIGUSR1 save a checkpoint and exit with "
+                                   "code 75; --resume continues from the latest checkpoint.")
+    p.add_argument("config", type=Path, help="YAML run config, e.g. configs/experiments/utkface_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.epochs=3")
+    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/LATEST if present")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("methods", help="list age methods (model.method)",
                        description="List the registered age-estimation methods, selected by model.method.")

@@ -16,12 +16,13 @@ from pydantic import BaseModel, Field, ValidationError
 
 from data_pipeline.config import DataConfig, Strict
 from launch.errors import UserError
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, TrainConfig
 
 
 class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -34,3 +34,31 @@ class ModelConfig(Strict):
         if self.gender_conditioned_age and not self.gender_head:
             raise ValueError("gender_conditioned_age needs gender_head: true")
         return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+
+
+class TrainConfig(Strict):
+    run_dir: str = "runs/train"
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: gloo, fp32; gpu: nccl")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: Literal[0, 1, 2] = 0
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: OptimConfig = Field(default_factory=OptimConfig)
+    val_every_steps: int | None = Field(None, ge=1, description="also validate every N steps (default: per epoch)")
+    ckpt_every_steps: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    deterministic: bool = Field(True, description="deterministic torch algorithms (exact resume on CPU)")
+    test_at_end: bool = Field(True, description="evaluate the best checkpoint on the test split at the end")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged over the generated one")

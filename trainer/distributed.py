@@ -1,0 +1,45 @@
+"""Start the process group for DeepSpeed: gloo on CPU, nccl on GPU, from torchrun or SLURM
+variables (cluster/env.py), or a one-process group on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from cluster.env import DistEnv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(env: DistEnv, device: str) -> None:
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if env.launcher == "none":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    else:
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    if device == "gpu":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if device == "gpu" else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(minutes=30), verbose=False)
+
+
+def all_true(flag: bool) -> bool:
+    """True when the flag is set on any rank (so all ranks act together, e.g. on SIGTERM)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

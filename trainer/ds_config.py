@@ -1,0 +1,36 @@
+"""The DeepSpeed JSON, generated from the run config (the one source of truth); an advanced
+user's own JSON (train.deepspeed_config) is merged over it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launch.errors import UserError
+from trainer.config import TrainConfig
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "steps_per_print": 2 ** 31 - 1,  # agescale logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if cfg.deepspeed_config:
+        path = Path(cfg.deepspeed_config)
+        try:
+            ds = _merge(ds, json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"train.deepspeed_config {path}: {e}") from None
+    return ds

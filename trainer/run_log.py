@@ -1,0 +1,109 @@
+"""Everything a run writes besides checkpoints; rank 0 writes, the other ranks only join in
+collective calls. Run directory layout:
+
+  config.yaml        the resolved config          run.json       manifest hash, world size, resumes
+  metrics.jsonl      one JSON line per log/val    tensorboard/   the same scalars for TensorBoard
+  best/model.safetensors + best/metrics.json      the best model by validation MAE
+  checkpoints/       DeepSpeed checkpoints + LATEST              summary.json   the final result
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from data_pipeline.shard import MANIFEST
+from launch.config import resolved, save_yaml
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, cfg, rank: int, world: int, total_steps: int, step: int,
+                 resumed_from: str | None):
+        self.dir, self.rank, self.main = run_dir, rank, rank == 0
+        self._tb = self._bar = None
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_yaml(resolved(cfg), run_dir / "config.yaml")
+            manifest = Path(cfg.data.loader.shards) / MANIFEST
+            info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+            info.setdefault("starts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world,
+                                                  "resumed_from": resumed_from, "step": step})
+            info["data_manifest_sha256"] = (hashlib.sha256(manifest.read_bytes()).hexdigest()
+                                            if manifest.exists() else None)
+            info["total_steps"] = total_steps
+            _atomic_json(run_dir / "run.json", info)
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+            self._bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None)
+        _barrier()
+
+    def scalars(self, phase: str, step: int, values: dict) -> None:
+        if not self.main:
+            return
+        with (self.dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"phase": phase, "step": step, **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self._tb.add_scalar(f"{phase}/{k}", v, step)
+        if phase != "train" and self._bar is not None:
+            self._bar.write(f"step {step} {phase}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)))
+
+    def progress(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def save_best(self, module: torch.nn.Module, metrics: dict, step: int) -> None:
+        if self.main:
+            best = self.dir / "best"
+            best.mkdir(exist_ok=True)
+            tmp = best / "model.safetensors.tmp"
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+            os.replace(tmp, best / "model.safetensors")
+            _atomic_json(best / "metrics.json", {"step": step, **metrics})
+
+    def load_best(self, module: torch.nn.Module) -> None:
+        _barrier()
+        path = self.dir / "best" / "model.safetensors"
+        if path.exists():
+            own = module.state_dict()
+            module.load_state_dict({k: v.to(own[k].dtype) for k, v in load_file(str(path)).items()})
+
+    def param_checksums(self, module: torch.nn.Module) -> list[float]:
+        """Each rank's parameter checksum: equal values mean the ranks stayed in sync."""
+        mine = torch.tensor([sum(p.detach().double().sum().item() for p in module.parameters())])
+        if not dist.is_initialized():
+            return [mine.item()]
+        out = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, mine)
+        return [t.item() for t in out]
+
+    def finish(self, summary: dict) -> None:
+        if self.main:
+            _atomic_json(self.dir / "summary.json", summary)
+        self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

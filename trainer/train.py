@@ -1,0 +1,172 @@
+"""The one training function: `agescale train`, torchrun, SLURM and each Ray Tune trial call it.
+
+Flow: process group (gloo/nccl) → loaders → model → DeepSpeed engine (ZeRO 0-2, fp32/bf16,
+accumulation, clipping, AdamW, warmup + cosine) → resume from the latest checkpoint if asked
+→ steps, with validation every epoch (and every N steps), the best model kept by validation
+MAE, checkpoints every N steps and at the end → test of the best model.
+SIGTERM or SIGUSR1 (SLURM preemption, time limit) → a checkpoint, then exit code 75.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.env import detect
+from data_pipeline.loaders import create_loader
+from data_pipeline.shard import MANIFEST
+from launch.errors import UserError
+from trainer import checkpoint
+from trainer.distributed import all_true, init
+from trainer.ds_config import deepspeed_config
+from trainer.evaluate import evaluate
+from trainer.losses import multitask_loss
+from trainer.models import create_model
+from trainer.run_log import RunLog
+from trainer.schedule import make_optimizer, make_schedule
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again with --resume
+
+
+class _Stop:
+    """Set by SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Per-step seed: dropout & co. are reproducible after a resume without saving RNG state."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
+
+
+def train(cfg, resume: bool = False) -> dict:
+    """Train as `cfg` says; returns the final summary (also written to run_dir/summary.json)."""
+    import deepspeed
+
+    tc = cfg.train
+    env = detect()
+    if tc.device == "gpu" and not torch.cuda.is_available():
+        raise UserError("train.device=gpu but no CUDA device is visible; use train.device=cpu")
+    if tc.precision == "bf16" and tc.device == "cpu":
+        logging.getLogger("agescale").warning("bf16 on CPU is several times slower than fp32 here")
+    shards = Path(cfg.data.loader.shards)
+    if cfg.data.loader.backend != "synthetic" and not (shards / MANIFEST).exists():
+        raise UserError(f"data.loader.shards={shards}: no {MANIFEST} there (run `agescale shard ... --out {shards}`)")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    init(env, tc.device)
+    rank, world = env.rank, env.world_size
+    device = torch.device(f"cuda:{env.local_rank}" if tc.device == "gpu" else "cpu")
+    torch.manual_seed(tc.seed)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    run_dir = Path(tc.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    train_loader = create_loader(cfg.data, "train", rank, world)
+    val_loader = create_loader(cfg.data, "val", rank, world, train=False)
+    steps_per_epoch = len(train_loader) // tc.grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(f"the train split gives {len(train_loader)} batches per rank, fewer than "
+                        f"train.grad_accum={tc.grad_accum}: lower data.loader.batch_size")
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+
+    tag = checkpoint.latest(ckpt_root) if resume else None
+    if resume and tag is None and rank == 0:
+        print(f"agescale: no checkpoint in {ckpt_root}; starting from scratch")
+    ds_config, load_root = deepspeed_config(tc, cfg.data.loader.batch_size), ckpt_root
+    if tag and checkpoint.needs_universal(checkpoint.meta(ckpt_root, tag), world, tc.zero_stage):
+        load_root = checkpoint.to_universal(ckpt_root, tag, rank)
+        ds_config["checkpoint"] = {"load_universal": True}
+
+    model = create_model(cfg.model, cfg.data.loader.image_size)
+    optimizer = make_optimizer(model, tc.optimizer)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_schedule(optimizer, tc.optimizer, total_steps),
+        config=ds_config)
+    method = model.method
+
+    step, best_mae, resumed_from = 0, float("inf"), None
+    if tag:
+        state = checkpoint.load(engine, load_root, tag)
+        step, best_mae, resumed_from = state["step"], state["best_mae"], tag
+        train_loader.load_state_dict(state["loader"])
+    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from)
+    stop = _Stop()
+
+    def client_state() -> dict:
+        return {"step": step, "best_mae": best_mae, "loader": train_loader.state_dict(), "world_size": world}
+
+    validated_at = -1
+
+    def validate() -> None:
+        nonlocal best_mae, validated_at
+        if validated_at == step:
+            return
+        validated_at = step
+        metrics = evaluate(engine.module, method, val_loader, device)
+        log.scalars("val", step, metrics)
+        if metrics.get("mae", float("inf")) < best_mae:
+            best_mae = metrics["mae"]
+            log.save_best(engine.module, metrics, step)
+
+    engine.train()
+    stopped = False
+    t0, seen = time.perf_counter(), 0
+    while step < total_steps and not stopped:
+        epoch = train_loader.epoch
+        micro = 0
+        for batch in train_loader:
+            torch.manual_seed(_step_seed(tc.seed, step, rank))
+            out = engine(batch["image"].to(device, non_blocking=True))
+            labels = {k: batch[k].to(device) for k in ("age", "gender", "race", "valid")}
+            parts = multitask_loss(out, labels, method, cfg.model)
+            engine.backward(parts["loss"])
+            engine.step()
+            seen += len(batch["key"]) * world
+            micro += 1
+            if micro % tc.grad_accum:
+                continue
+            step += 1
+            if step % tc.log_every_steps == 0 or step == total_steps:
+                rate = seen / (time.perf_counter() - t0)
+                log.scalars("train", step, {k: v.item() for k, v in parts.items()} |
+                            {"lr": scheduler.get_last_lr()[0], "images_per_s": rate, "epoch": epoch})
+                t0, seen = time.perf_counter(), 0
+            log.progress(step)
+            if tc.val_every_steps and step % tc.val_every_steps == 0:
+                validate()
+            if all_true(stop.requested):
+                checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+                log.close()
+                raise SystemExit(EXIT_PREEMPTED)
+            if step % tc.ckpt_every_steps == 0 and step < total_steps:
+                checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+            if step >= total_steps:
+                stopped = True
+                break
+        if train_loader.epoch != epoch or stopped:  # a full epoch, or the last step
+            validate()
+
+    checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+    summary = {"steps": step, "best_val_mae": best_mae, "world_size": world,
+               "param_checksums": log.param_checksums(engine.module)}
+    if tc.test_at_end:
+        test_loader = create_loader(cfg.data, "test", rank, world, train=False)
+        log.load_best(engine.module)
+        summary["test"] = evaluate(engine.module, method, test_loader, device)
+        log.scalars("test", step, summary["test"])
+    log.finish(summary)
+    return summary
