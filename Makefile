@@ -16,14 +16,17 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -m "not slow"
 
-# Until the trainer lands, the demo shards and verifies the repo's sample.
+# Shard the repo's sample, train a small model on the CPU (DALI CPU backend), test it.
 demo: venv
 	$(VENV)/bin/agescale shard --dataset utkface --src data/sample/utkface --out runs/demo/shards --overwrite
 	$(VENV)/bin/agescale verify runs/demo/shards
+	rm -rf runs/demo/run
+	$(VENV)/bin/agescale train configs/experiments/demo_cpu.yaml
 
 bench: venv
 	$(VENV)/bin/agescale bench shard --out runs/bench/shard.json
 	$(VENV)/bin/agescale bench loader --out runs/bench/loader.json
+	$(VENV)/bin/agescale bench train --out runs/bench/train.json
 
 clean:
 	rm -rf runs .pytest_cache

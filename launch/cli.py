@@ -115,6 +115,12 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     return _emit(run(args.src, shards=args.shards, images=args.images), args.out)
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from bench.train import run
+
+    return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps), args.out)
+
+
 def _emit(result: dict, out: Path | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
@@ -185,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=2400, help="images timed per measurement")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_loader)
+    b = bsub.add_parser("train", help="trainer step time vs a bare PyTorch loop (synthetic data)",
+                        description="Same model, batch and threads: the DeepSpeed trainer against a bare "
+                                    "forward/backward/AdamW loop, in one run.")
+    b.add_argument("--image-size", type=int, default=64)
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--steps", type=int, default=40, help="timed steps of each (after 10 warm-up steps)")
+    b.add_argument("--out", type=Path, help="also write the JSON here")
+    b.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 
 @pytest.mark.parametrize("cmd", [[], ["shard"], ["verify"], ["datasets"], ["bench"], ["bench", "shard"], ["methods"],
-                                 ["bench", "loader"]])
+                                 ["bench", "loader"], ["bench", "train"], ["train"]])
 def test_every_subcommand_has_help(cmd):
     r = run_cli(*cmd, "--help")
     assert r.returncode == 0 and "usage: agescale" in r.stdout and len(r.stdout.splitlines()) > 4
@@ -36,3 +36,11 @@ def test_bench_loader_json(utk_shards, tmp_path):
 def test_bench_with_missing_source_is_one_line(tmp_path):
     r = run_cli("bench", "shard", "--src", tmp_path / "nope")
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_train_json(tmp_path):
+    run_cli("bench", "train", "--steps", "10", "--batch", "8", "--image-size", "32", "--out", tmp_path / "t.json",
+            check=True)
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["bare_step_s"] > 0 and out["trainer_step_s"] > 0 and out["target"] == 1.05
+    assert out["ratio"] == pytest.approx(out["trainer_step_s"] / out["bare_step_s"], rel=0.01)
