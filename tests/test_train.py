@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import AGESCALE, REPO, run_cli
@@ -156,3 +157,18 @@ def test_user_errors_are_one_line(utk_shards, tmp_path):
     assert r.returncode == 2 and "no-shards: no manifest.json" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "missing.yaml: not found" in r.stderr
+    if not torch.cuda.is_available():
+        r = run_cli("train", CONFIG, *small(utk_shards, tmp_path / "r"), "train.device=gpu")
+        assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_training_with_mixed_decode(utk_shards, tmp_path):
+    """The production path: DALI `mixed` decode, nccl, bf16. Needs a GPU (skipped here)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    run = tmp_path / "run"
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.device": "gpu", "data.loader.device": "gpu",
+                                                             "train.precision": "bf16", "train.max_steps": 8}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(run)["steps"] == 8 and summary(run)["test"]["mae"] < 60
