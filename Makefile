@@ -18,15 +18,18 @@ test-fast: venv
 
 # Shard the repo's sample, train a small model on the CPU (DALI CPU backend), test it.
 demo: venv
-	$(VENV)/bin/agescale shard --dataset utkface --src data/sample/utkface --out runs/demo/shards --overwrite
+	rm -rf runs/demo
+	$(VENV)/bin/agescale shard --dataset utkface --src data/sample/utkface --out runs/demo/shards
 	$(VENV)/bin/agescale verify runs/demo/shards
-	rm -rf runs/demo/run
 	$(VENV)/bin/agescale train configs/experiments/demo_cpu.yaml
+	$(VENV)/bin/agescale export runs/demo --out runs/demo/bundle
+	$(VENV)/bin/agescale predict runs/demo/bundle data/sample/utkface/26_1_0_20170103180946896.jpg.chip.jpg
 
 bench: venv
 	$(VENV)/bin/agescale bench shard --out runs/bench/shard.json
 	$(VENV)/bin/agescale bench loader --out runs/bench/loader.json
 	$(VENV)/bin/agescale bench train --out runs/bench/train.json
+	$(VENV)/bin/agescale bench predict runs/demo/bundle --out runs/bench/predict.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -93,6 +93,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from trainer.report import evaluate_runs
+
+    out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}"
+    report = evaluate_runs(args.runs, args.data, out)
+    m = report["metrics"]
+    print(f"MAE {m['mae']:.2f}  CS@5 {m['cs@5']:.3f}  gender accuracy {m.get('gender_accuracy', float('nan')):.3f}"
+          f"  ({m['count']} images)")
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_bundle
+
+    export_bundle(args.run, args.out)
+    print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    # Serving side: ONNX Runtime, NumPy and Pillow only (no torch, DeepSpeed, DALI, Ray).
+    from serving.predict import Predictor, expand
+
+    if not (args.bundle / "model.onnx").exists():
+        raise UserError(f"{args.bundle}: no model.onnx (make one with `agescale export RUN --out BUNDLE`)")
+    files = expand(args.images)
+    if not files:
+        raise UserError("no images given (files or folders)")
+    failed = 0
+    for r in Predictor(args.bundle).predict(files, batch_size=args.batch_size):
+        failed += "error" in r
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['file']}: error: {r['error']}")
+        else:
+            iv = f" (90%: {r['interval90'][0]:.0f}-{r['interval90'][1]:.0f})" if "interval90" in r else ""
+            g = f", P(female) {r['female_prob']:.2f}" if "female_prob" in r else ""
+            print(f"{r['file']}: age {r['age']:.1f}{iv}{g}")
+    return 1 if failed else 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from trainer.methods import list_methods
 
@@ -119,6 +162,12 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.train import run
 
     return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps), args.out)
+
+
+def cmd_bench_predict(args: argparse.Namespace) -> int:
+    from bench.predict import run
+
+    return _emit(run(args.bundle, args.images), args.out)
 
 
 def _emit(result: dict, out: Path | None) -> int:
@@ -169,6 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/LATEST if present")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("evaluate", help="evaluation report (metrics, plots) of a run, a checkpoint or an ensemble",
+                       description="Evaluate one model, or several as an ensemble, on a shard split; writes "
+                                   "report.json, report.md and plots/*.png.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_OR_CHECKPOINT",
+                   help="run directory, best/model.safetensors or checkpoints/stepN; several = an ensemble")
+    p.add_argument("--data", required=True, type=Path, help="SHARDS/<split>, e.g. runs/shards/utk/test")
+    p.add_argument("--out", type=Path, help="report folder (default: RUN/eval-<split>)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="serving bundle: safetensors, ONNX, preprocessing, labels, model card",
+                       description="Write a bundle that a serving system loads with ONNX Runtime alone.")
+    p.add_argument("run", type=Path, metavar="RUN_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="predict age, 90%% interval and gender from images with a bundle",
+                       description="Uses ONNX Runtime, NumPy and Pillow only. Images of any size are resized as "
+                                   "preprocess.json says; expects aligned face crops (no face detector is bundled).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("methods", help="list age methods (model.method)",
                        description="List the registered age-estimation methods, selected by model.method.")
     p.set_defaults(func=cmd_methods)
@@ -199,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=40, help="timed steps of each (after 10 warm-up steps)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_train)
+    b = bsub.add_parser("predict", help="ONNX Runtime vs torch eager images/s at batch 1 and 32",
+                        description="Serving throughput of a bundle: ONNX Runtime against the same model in torch "
+                                    "eager mode, on the same preprocessed images, in one run.")
+    b.add_argument("bundle", type=Path)
+    b.add_argument("--images", type=Path, default=Path("data/sample/utkface"), help="folder with >= 32 images")
+    b.add_argument("--out", type=Path, help="also write the JSON here")
+    b.set_defaults(func=cmd_bench_predict)
     return parser
 
 

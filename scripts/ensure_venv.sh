@@ -37,9 +37,10 @@ if [ ! -f "$target/.deps-$deps_hash" ]; then
   touch "$target/.deps-$deps_hash"
 fi
 
-# (Re)install this checkout in editable mode when the venv points elsewhere.
-here=$(pwd -P)
-if [ "$(cat "$target/.project-path" 2>/dev/null)" != "$here" ]; then
+# (Re)install this checkout in editable mode when the venv points elsewhere or pyproject.toml
+# changed (a new package or console script needs a fresh editable install).
+stamp="$(pwd -P) $(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$target/.project-stamp" 2>/dev/null)" != "$stamp" ]; then
   "$target/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-  echo "$here" > "$target/.project-path"
+  echo "$stamp" > "$target/.project-stamp"
 fi

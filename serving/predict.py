@@ -1,0 +1,84 @@
+"""`agescale predict BUNDLE IMAGE_OR_DIR ...`: age, 90 % interval and P(female) per image."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class Predictor:
+    def __init__(self, bundle: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.pre = json.loads((bundle / "preprocess.json").read_text())
+        self.labels = json.loads((bundle / "labels.json").read_text())
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.ages = np.arange(self.labels["min_age"], self.labels["max_age"] + 1, dtype=np.float64)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        p = self.pre
+        if p.get("exif_orientation"):
+            image = ImageOps.exif_transpose(image)
+        image = image.convert("RGB")
+        w, h = image.size
+        short = p["resize"]["shorter_side"]
+        scale = short / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        cw, ch = p["center_crop"]
+        left, top = (image.width - cw) // 2, (image.height - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
+        x = np.asarray(image, dtype=np.float32) * p["scale"]
+        x = (x - np.array(p["mean"], np.float32)) / np.array(p["std"], np.float32)
+        return x.transpose(2, 0, 1)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(None, {self.pre["input_name"]: batch})))
+
+    def interval(self, dist: np.ndarray) -> np.ndarray:
+        level = self.labels["interval"]["level"]
+        cdf = np.cumsum(dist, axis=1)
+        lo = (cdf < (1 - level) / 2).sum(1).clip(max=len(self.ages) - 1)
+        hi = (cdf < (1 + level) / 2).sum(1).clip(max=len(self.ages) - 1)
+        return np.stack([self.ages[lo], self.ages[hi]], axis=1)
+
+    def predict(self, paths: list[Path], batch_size: int = 32) -> Iterator[dict]:
+        """One result per path, in order; a file that is not an image gives an `error` entry."""
+        for start in range(0, len(paths), batch_size):
+            chunk, arrays, results = paths[start:start + batch_size], [], {}
+            for p in chunk:
+                try:
+                    with Image.open(p) as im:
+                        arrays.append((p, self.preprocess(im)))
+                except Exception as e:  # Pillow raises many types for non-images
+                    results[p] = {"file": str(p), "error": f"not a readable image ({type(e).__name__}: {e})"}
+            if arrays:
+                out = self.run(np.stack([a for _, a in arrays]))
+                intervals = self.interval(out["distribution"]) if "distribution" in out else None
+                for i, (p, _) in enumerate(arrays):
+                    r = {"file": str(p), "age": round(float(out["age"][i]), 2)}
+                    if intervals is not None:
+                        r["interval90"] = [float(intervals[i, 0]), float(intervals[i, 1])]
+                    if "gender_prob" in out:
+                        r["female_prob"] = round(float(out["gender_prob"][i]), 4)
+                    results[p] = r
+            yield from (results[p] for p in chunk)
+
+
+def expand(inputs: list[Path]) -> list[Path]:
+    files = []
+    for p in inputs:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files

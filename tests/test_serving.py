@@ -1,0 +1,121 @@
+"""Evaluation report, export bundle and the ONNX Runtime serving side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from PIL import Image
+
+from conftest import AGESCALE, REPO, SAMPLE, run_cli
+from test_train import CONFIG, small
+from trainer.config import ModelConfig
+from trainer.export import ServingModel, write_onnx
+from trainer.methods import list_methods
+from trainer.models import create_model
+
+SERVING_FORBIDDEN = ("torch", "deepspeed", "nvidia.dali", "ray", "timm", "webdataset", "trainer", "data_pipeline")
+
+
+@pytest.fixture(scope="module")
+def trained_run(utk_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8}), check=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    run_cli("export", trained_run, "--out", out, check=True)
+    return out
+
+
+def test_evaluate_writes_report_and_plots_with_the_trainers_mae(trained_run, utk_shards, tmp_path):
+    r = run_cli("evaluate", trained_run, "--data", utk_shards / "val", "--out", tmp_path / "ev")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    best = json.loads((trained_run / "best" / "metrics.json").read_text())
+    assert report["metrics"]["count"] == 601
+    assert report["metrics"]["mae"] == pytest.approx(best["mae"], abs=1e-4)   # same split, same model
+    assert set(report["plots"]) == {"mae_by_age_bin.png", "pred_vs_true.png", "age_group_confusion.png",
+                                    "interval_coverage.png", "gradcam.png"}
+    for p in report["plots"]:
+        with Image.open(tmp_path / "ev" / "plots" / p) as im:
+            assert im.width > 200 and im.height > 200
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert f"| mae | {report['metrics']['mae']:.4f} |" in md and "MAE by race" in md
+
+
+def test_evaluate_an_ensemble(trained_run, utk_shards, tmp_path):
+    ckpt = trained_run / "checkpoints" / "step00000008"
+    r = run_cli("evaluate", trained_run, ckpt, "--data", utk_shards / "test", "--out", tmp_path / "ens")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "ens" / "report.json").read_text())
+    assert len(report["models"]) == 2 and report["metrics"]["count"] == 599
+
+
+def test_bundle_contents(bundle, trained_run):
+    assert {p.name for p in bundle.iterdir()} == {"model.safetensors", "model.onnx", "preprocess.json",
+                                                  "labels.json", "card.md", "card.json"}
+    pre, labels = json.loads((bundle / "preprocess.json").read_text()), json.loads((bundle / "labels.json").read_text())
+    assert pre["input_size"] == 32 and pre["channel_order"] == "RGB" and len(pre["mean"]) == 3
+    assert labels["method"] == "dex" and labels["output_names"] == ["age", "distribution", "gender_prob"]
+    card = json.loads((bundle / "card.json").read_text())
+    assert card["data_manifest_sha256"] == json.loads((trained_run / "run.json").read_text())["data_manifest_sha256"]
+    assert "non-commercial" in card["license"] and card["metrics"]["test"]["count"] == 599
+    sess = ort.InferenceSession(str(bundle / "model.onnx"))
+    for n in (1, 5):                                                         # dynamic batch dimension
+        assert sess.run(None, {"image": np.zeros((n, 3, 32, 32), np.float32)})[0].shape == (n,)
+
+
+def _real_batch(n=6, size=48):
+    files = sorted(SAMPLE.glob("*.jpg"))[:n]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size)), np.float32) / 255 for f in files])
+    return torch.from_numpy(((x - 0.45) / 0.25).transpose(0, 3, 1, 2).copy())
+
+
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
+def test_onnx_runtime_matches_torch_for_every_method(method, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method=method), 48).eval()
+    names = write_onnx(model, 48, tmp_path / "m.onnx")
+    x = _real_batch()
+    with torch.no_grad():
+        want = [t.numpy() for t in ServingModel(model)(x)]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})
+    assert len(got) == len(want) == len(names)
+    for name, a, b in zip(names, got, want):
+        assert np.abs(a - b).max() <= 1e-4, name
+
+
+def test_predict_uses_no_training_packages(bundle, tmp_path):
+    big = tmp_path / "big.png"
+    Image.open(next(SAMPLE.glob("*.jpg"))).resize((500, 300)).save(big)      # any size is resized
+    (tmp_path / "notes.txt").write_text("not an image")
+    code = ("import sys; from launch.cli import main; rc = main(sys.argv[1:]); "
+            f"bad = [m for m in sys.modules if m.split('.')[0] in {SERVING_FORBIDDEN!r} or m.startswith('nvidia.dali')]; "
+            "print('LOADED', bad); sys.exit(rc)")
+    files = [next(SAMPLE.glob("*.jpg")), tmp_path / "notes.txt", big]
+    r = subprocess.run([sys.executable, "-c", code, "predict", str(bundle), *map(str, files), "--json"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "LOADED []" and r.returncode == 1                    # exit 1: one file failed
+    results = [json.loads(l) for l in lines[:-1]]
+    assert [x["file"] for x in results] == [str(f) for f in files]
+    assert "error" in results[1] and "not a readable image" in results[1]["error"]
+    for x in (results[0], results[2]):
+        assert 0 <= x["age"] <= 100 and 0 <= x["female_prob"] <= 1 and x["interval90"][0] <= x["interval90"][1]
+
+
+def test_predict_plain_output_and_bad_bundle(bundle, tmp_path):
+    r = subprocess.run([AGESCALE, "predict", str(bundle), str(SAMPLE)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == len(list(SAMPLE.glob("*.jpg")))
+    assert "age " in r.stdout and "P(female)" in r.stdout
+    r = run_cli("predict", tmp_path, next(SAMPLE.glob("*.jpg")))
+    assert r.returncode == 2 and "no model.onnx" in r.stderr

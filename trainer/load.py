@@ -1,0 +1,47 @@
+"""Load a trained model from a run directory or a checkpoint, with the run's config.
+
+Accepted: a run directory (its best model), `run/best/model.safetensors`, or a DeepSpeed
+checkpoint tag directory `run/checkpoints/stepN`. For ZeRO 0-2 every checkpoint holds the
+whole model on rank 0's file, so the weights are consolidated whatever the stage was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from launch.config import Config, load_config
+from launch.errors import UserError
+from trainer.models import AgeModel, create_model
+
+
+def run_dir_of(path: Path) -> Path:
+    for p in (path, *path.parents):
+        if (p / "config.yaml").exists() and (p / "run.json").exists():
+            return p
+    raise UserError(f"{path}: not inside an agescale run directory (no config.yaml + run.json above it)")
+
+
+def load_trained(path: Path) -> tuple[Config, AgeModel, Path]:
+    """(config, model in eval mode, the weights file used)."""
+    if not path.exists():
+        raise UserError(f"{path}: no such run or checkpoint")
+    run = run_dir_of(path)
+    cfg = load_config(run / "config.yaml", ["model.weights=scratch"])
+    if path.is_dir() and (path / "mp_rank_00_model_states.pt").exists():
+        weights = path / "mp_rank_00_model_states.pt"
+        state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+    else:
+        weights = path if path.is_file() else run / "best" / "model.safetensors"
+        if not weights.exists():
+            raise UserError(f"{run}: no best/model.safetensors (did the run validate at least once?)")
+        state = load_file(str(weights))
+    model = create_model(cfg.model, cfg.data.loader.image_size)
+    own = model.state_dict()
+    try:
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{weights}: does not match the run's model ({e})") from None
+    return cfg, model.eval(), weights

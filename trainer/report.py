@@ -1,0 +1,163 @@
+"""`agescale evaluate`: metrics of one model or an ensemble on a shard split, as report.json,
+report.md and plots/*.png (MAE by age bin, predicted vs true, age-group confusion matrix,
+interval coverage by age bin for methods with a distribution, and attention or Grad-CAM maps
+on sample faces)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.loaders import create_loader
+from launch.errors import UserError
+from trainer.load import load_trained
+from trainer.metrics import DEFAULT_EDGES, AgeMetrics
+from trainer.models import Ensemble
+
+
+def _collect(models, loader) -> dict[str, np.ndarray]:
+    ens = Ensemble(models)
+    cols: dict[str, list] = {"pred": [], "age": [], "gender": [], "race": [], "female_prob": [], "lo": [], "hi": []}
+    metrics = AgeMetrics()
+    keys, images = [], []
+    for batch in loader:
+        keep = batch["valid"]
+        res = ens.predict(batch["image"])
+        metrics.update(res["age"], batch["age"], gender=batch["gender"], gender_prob=res.get("gender_prob"),
+                       race=batch["race"], valid=keep, distribution=res.get("distribution"), ages=ens.ages)
+        cols["pred"].append(res["age"][keep].numpy())
+        for k in ("age", "gender", "race"):
+            cols[k].append(batch[k][keep].numpy())
+        if "gender_prob" in res:
+            cols["female_prob"].append(res["gender_prob"][keep].numpy())
+        if "distribution" in res:
+            cdf = res["distribution"][keep].cumsum(1)
+            grid = ens.ages
+            cols["lo"].append(grid[(cdf < 0.05).sum(1).clamp(max=len(grid) - 1)].numpy())
+            cols["hi"].append(grid[(cdf < 0.95).sum(1).clamp(max=len(grid) - 1)].numpy())
+        if len(images) < 8:
+            images += [img for img, v in zip(batch["image"], keep) if v][: 8 - len(images)]
+        keys += [k for k, v in zip(batch["key"], keep.tolist()) if v]
+    metrics.reduce()
+    out = {k: np.concatenate(v) for k, v in cols.items() if v}
+    out["metrics"], out["keys"], out["samples"] = metrics.compute(), keys, torch.stack(images)
+    return out
+
+
+def _saliency(model, images: torch.Tensor) -> torch.Tensor:
+    """Attention maps when the model has them, else Grad-CAM of the predicted age over the
+    backbone's last feature map. (N, H, W) in [0, 1]."""
+    if model.attention is not None:
+        with torch.no_grad():
+            maps = model(images)["attention"]
+    else:
+        fmap = model._feature_map(images).detach().requires_grad_(True)
+        pooled = model.backbone.forward_head(fmap if getattr(model.backbone, "output_fmt", "NCHW") == "NCHW"
+                                             else fmap.permute(0, 2, 3, 1), pre_logits=True)
+        age_in = pooled
+        if model.gender_embed is not None:
+            age_in = torch.cat([pooled, model.gender_embed(torch.sigmoid(model.gender(pooled)))], 1)
+        model.method.predict(model.age(age_in)).sum().backward()
+        weights = fmap.grad.mean(dim=(2, 3), keepdim=True)
+        maps = torch.relu((weights * fmap).sum(1)).detach()
+    maps = maps - maps.flatten(1).min(1)[0][:, None, None]
+    return maps / maps.flatten(1).max(1)[0][:, None, None].clamp_min(1e-8)
+
+
+def _plots(data: dict, model, mean, std, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    edges = np.array(DEFAULT_EDGES)
+    names = [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    groups_true = np.searchsorted(edges[1:], data["age"], side="right")
+    groups_pred = np.searchsorted(edges[1:], data["pred"], side="right")
+    err = np.abs(data["pred"] - data["age"])
+    made = []
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    mae = [err[groups_true == g].mean() if (groups_true == g).any() else np.nan for g in range(len(names))]
+    ax.bar(names, mae)
+    ax.set(xlabel="true age", ylabel="MAE (years)", title="MAE by age bin")
+    fig.savefig(out / "mae_by_age_bin.png", dpi=100, bbox_inches="tight")
+    made.append("mae_by_age_bin.png")
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(data["age"], data["pred"], s=4, alpha=0.4)
+    top = max(data["age"].max(), data["pred"].max())
+    ax.plot([0, top], [0, top], "k--", lw=1)
+    ax.set(xlabel="true age", ylabel="predicted age", title="Predicted vs true age")
+    fig.savefig(out / "pred_vs_true.png", dpi=100, bbox_inches="tight")
+    made.append("pred_vs_true.png")
+
+    conf = np.zeros((len(names), len(names)))
+    np.add.at(conf, (groups_true, groups_pred), 1)
+    conf = conf / conf.sum(1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    im = ax.imshow(conf, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45)
+    ax.set_yticks(range(len(names)), names)
+    ax.set(xlabel="predicted group", ylabel="true group", title="Age-group confusion (row-normalised)")
+    fig.colorbar(im)
+    fig.savefig(out / "age_group_confusion.png", dpi=100, bbox_inches="tight")
+    made.append("age_group_confusion.png")
+
+    if "lo" in data:
+        covered = (data["age"] >= data["lo"]) & (data["age"] <= data["hi"])
+        cov = [covered[groups_true == g].mean() if (groups_true == g).any() else np.nan for g in range(len(names))]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(names, cov)
+        ax.axhline(0.9, color="k", ls="--", lw=1)
+        ax.set(ylim=(0, 1), xlabel="true age", ylabel="coverage", title="90 % interval coverage by age bin")
+        fig.savefig(out / "interval_coverage.png", dpi=100, bbox_inches="tight")
+        made.append("interval_coverage.png")
+
+    images = data["samples"]
+    maps = _saliency(model, images.clone())
+    faces = (images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
+    fig, axes = plt.subplots(2, len(images), figsize=(2 * len(images), 4), squeeze=False)
+    for i in range(len(images)):
+        axes[0, i].imshow(faces[i].permute(1, 2, 0).numpy())
+        axes[1, i].imshow(faces[i].permute(1, 2, 0).numpy())
+        axes[1, i].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, extent=(0, faces.shape[3], faces.shape[2], 0))
+        for a in axes[:, i]:
+            a.axis("off")
+    kind = "attention" if model.attention is not None else "gradcam"
+    fig.suptitle("Attention maps" if kind == "attention" else "Grad-CAM of the predicted age")
+    fig.savefig(out / f"{kind}.png", dpi=100, bbox_inches="tight")
+    made.append(f"{kind}.png")
+    plt.close("all")
+    return made
+
+
+def evaluate_runs(paths: list[Path], data: Path, out: Path) -> dict:
+    loaded = [load_trained(p) for p in paths]
+    cfg = loaded[0][0]
+    split, shards = data.name, data.parent
+    if not (shards / "manifest.json").exists():
+        raise UserError(f"--data {data}: expected SHARDS/<split>, e.g. runs/shards/utk/test")
+    cfg.data.loader.shards = str(shards)
+    loader = create_loader(cfg.data, split, train=False)
+    result = _collect([m for _, m, _ in loaded], loader)
+    metrics = result["metrics"]
+    plots = _plots(result, loaded[0][1], cfg.data.loader.mean, cfg.data.loader.std, out / "plots")
+    report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "metrics": metrics, "plots": plots}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"# agescale evaluation: {data}", "", f"Models: {', '.join(report['models'])}", "",
+             "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+              for k, v in metrics.items() if not isinstance(v, dict)]
+    for group in ("race", "gender"):
+        if f"mae_by_{group}" in metrics:
+            lines += ["", f"MAE by {group} (spread {metrics[f'mae_spread_{group}']:.2f}):", "",
+                      f"| {group} | MAE |", "| --- | --- |"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in metrics[f"mae_by_{group}"].items()]
+    lines += ["", *[f"![{p}](plots/{p})" for p in plots], ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return report
