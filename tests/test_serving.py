@@ -114,8 +114,13 @@ def test_predict_uses_no_training_packages(bundle, tmp_path):
 
 
 def test_predict_plain_output_and_bad_bundle(bundle, tmp_path):
-    r = subprocess.run([AGESCALE, "predict", str(bundle), str(SAMPLE)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and len(r.stdout.splitlines()) == len(list(SAMPLE.glob("*.jpg")))
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for f in sorted(SAMPLE.glob("*.jpg"))[:40]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([AGESCALE, "predict", str(bundle), str(folder), "--batch-size", "16"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 40
     assert "age " in r.stdout and "P(female)" in r.stdout
     r = run_cli("predict", tmp_path, next(SAMPLE.glob("*.jpg")))
     assert r.returncode == 2 and "no model.onnx" in r.stderr
