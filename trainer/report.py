@@ -124,7 +124,8 @@ def _plots(data: dict, model, mean, std, out: Path) -> list[str]:
     for i in range(len(images)):
         axes[0, i].imshow(faces[i].permute(1, 2, 0).numpy())
         axes[1, i].imshow(faces[i].permute(1, 2, 0).numpy())
-        axes[1, i].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, extent=(0, faces.shape[3], faces.shape[2], 0))
+        axes[1, i].imshow(maps[i].numpy(), cmap="jet", alpha=0.5, interpolation="bilinear",
+                          extent=(0, faces.shape[3], faces.shape[2], 0))
         for a in axes[:, i]:
             a.axis("off")
     kind = "attention" if model.attention is not None else "gradcam"
