@@ -136,6 +136,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from search.sweep import resume_sweep, run_sweep
+
+    if args.resume:
+        if args.spec or args.overrides:
+            raise UserError("--resume DIR continues a sweep as it was started; give no SPEC or overrides")
+        out, result = args.resume, resume_sweep(args.resume)
+    else:
+        if not args.spec or not args.out:
+            raise UserError("give a sweep SPEC and --out DIR (or --resume DIR)")
+        out, result = args.out, run_sweep(args.spec, args.out, args.overrides)
+    keys = list(result["best_params"] or {})
+    print(f"{'trial':<13} {'status':<10} {'best MAE':>8} {'epochs':>6}  " + "  ".join(keys))
+    for r in result["trials"]:
+        mae = f"{r['best_val_mae']:.3f}" if r["best_val_mae"] is not None else "-"
+        print(f"{r['trial_id'] or '?':<13} {r['status']:<10} {mae:>8} {r['epochs']:>6}  "
+              + "  ".join(str(r.get(k)) for k in keys))
+    if result["best_trial"]:
+        print(f"best: {result['best_trial']} (validation MAE {result['best_val_mae']:.3f}) -> {out / 'best.yaml'}")
+    print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'val_mae.png'}")
+    return 0 if result["best_trial"] else 1
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from cluster.slurm_job import JobSpec, submit, write
+
+    spec = JobSpec(config=args.config, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+                   partition=args.partition, max_restarts=args.max_restarts, max_requeues=args.max_requeues,
+                   signal_lead=args.signal_lead, job_name=args.job_name)
+    script, run_dir = write(spec, args.out)
+    print(f"wrote {script} (run directory {run_dir}, logs in {run_dir / 'slurm'})")
+    if args.submit:
+        job = submit(script)
+        print(f"submitted job {job}")
+    else:
+        print(f"submit with: sbatch {script}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from trainer.methods import list_methods
 
@@ -242,6 +282,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep over losses, augmentation and optimizer settings",
+                       description="Each trial is a real training run (ASHA by default, PBT or FIFO as the spec "
+                                   "says). Writes OUT/results.csv, results.json, best.yaml (a config for "
+                                   "`agescale train`) and val_mae.png. A sweep whose driver stopped continues "
+                                   "with --resume OUT.")
+    p.add_argument("spec", nargs="?", type=Path, help="sweep spec YAML, e.g. configs/tune/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the base run config, e.g. data.loader.shards=runs/shards")
+    p.add_argument("--out", type=Path, help="sweep folder")
+    p.add_argument("--resume", type=Path, metavar="OUT", help="continue the sweep in OUT")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("slurm", help="write (and submit) an sbatch script: srun x torchrun per node",
+                       description="An sbatch script for CONFIG: one srun task per node running torchrun with a "
+                                   "c10d rendezvous on the first node, --max-restarts for failed workers, "
+                                   "SIGTERM before the time limit (checkpoint, then requeue and resume), "
+                                   "per-node logs in RUN_DIR/slurm/. nccl with --gpus-per-node > 0, else gloo.")
+    p.add_argument("config", type=Path, help="YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, baked into the script")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU nodes (gloo); >0: GPU nodes (nccl)")
+    p.add_argument("--nproc-per-node", type=int, help="trainer processes per node (default: one per GPU, or 1)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per node task (default: nproc on CPU nodes)")
+    p.add_argument("--time", help="time limit, e.g. 04:00:00")
+    p.add_argument("--partition")
+    p.add_argument("--job-name")
+    p.add_argument("--max-restarts", type=int, default=1, help="torchrun restarts after a worker fails")
+    p.add_argument("--max-requeues", type=int, default=5, help="requeues after a SIGTERM checkpoint")
+    p.add_argument("--signal-lead", type=int, default=120, help="seconds before the time limit to send SIGTERM")
+    p.add_argument("--out", type=Path, help="script path (default: RUN_DIR/slurm/job.sbatch)")
+    p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
+    p.set_defaults(func=cmd_slurm)
+
     p = sub.add_parser("methods", help="list age methods (model.method)",
                        description="List the registered age-estimation methods, selected by model.method.")
     p.set_defaults(func=cmd_methods)
@@ -283,7 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options too (`agescale slurm CFG --nodes 2 train.epochs=3`): argparse
+    # leaves KEY=VALUE words after an option unparsed, so they are collected here.
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if not hasattr(args, "overrides") or any(w.startswith("-") or "=" not in w for w in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = [*args.overrides, *rest]
     try:
         return args.func(args)
     except UserError as e:

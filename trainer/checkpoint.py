@@ -67,8 +67,12 @@ def to_universal(ckpt_root: Path, tag: str, rank: int) -> Path:
     return out
 
 
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
 def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank: int) -> str:
-    tag = f"step{step:08d}"
+    tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if rank == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_pipeline.config import Strict
 
@@ -26,6 +26,16 @@ class ModelConfig(Strict):
     age_weight: float = Field(1.0, ge=0)
     gender_weight: float = Field(1.0, ge=0)
     race_weight: float = Field(0.5, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from trainer.methods import list_methods  # the registry (imports torch, so only when validating)
+
+        known = [m.name for m in list_methods()]
+        if v not in known:
+            raise ValueError(f"unknown age method; known: {', '.join(known)}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,12 +41,14 @@ class _Stop:
     """Set by SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.requested, self.signal = False, "a signal on another rank"
+        if threading.current_thread() is threading.main_thread():  # Ray runs trials in a thread
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        self.signal = signal.Signals(signum).name
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -52,8 +56,13 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
-def train(cfg, resume: bool = False) -> dict:
-    """Train as `cfg` says; returns the final summary (also written to run_dir/summary.json)."""
+def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], None] | None = None) -> dict:
+    """Train as `cfg` says; returns the final summary (also written to run_dir/summary.json).
+
+    `reporter` (Ray Tune, Ray Train) is called on every rank after each validation with the
+    validation metrics and the checkpoint saved for that step (rank 0 only; None elsewhere), so a
+    search can stop, pause, clone or resume the run at that point.
+    """
     import deepspeed
 
     tc = cfg.train
@@ -98,29 +107,48 @@ def train(cfg, resume: bool = False) -> dict:
         config=ds_config)
     method = model.method
 
-    step, best_mae, resumed_from = 0, float("inf"), None
+    step, best_mae, resumed_from, val_rounds, validated_at = 0, float("inf"), None, 0, -1
     if tag:
         state = checkpoint.load(engine, load_root, tag)
         step, best_mae, resumed_from = state["step"], state["best_mae"], tag
+        # A checkpoint taken at an epoch's last step, before that epoch's validation, validates
+        # again after a resume; one taken after it does not.
+        val_rounds, validated_at = state.get("val_rounds", 0), state.get("validated_at", -1)
         train_loader.load_state_dict(state["loader"])
+        # The config's learning rate wins over the checkpoint's (PBT changes it between resumes).
+        scheduler.base_lrs = [tc.optimizer.lr for _ in scheduler.base_lrs]
     log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from)
     stop = _Stop()
 
     def client_state() -> dict:
-        return {"step": step, "best_mae": best_mae, "loader": train_loader.state_dict(), "world_size": world}
+        return {"step": step, "best_mae": best_mae, "loader": train_loader.state_dict(), "world_size": world,
+                "val_rounds": val_rounds, "validated_at": validated_at}
 
-    validated_at = -1
+    saved_at = step if tag else -1
+
+    def save() -> str:
+        nonlocal saved_at
+        if saved_at != step:
+            checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+            saved_at = step
+        return checkpoint.tag_of(step)
 
     def validate() -> None:
-        nonlocal best_mae, validated_at
+        nonlocal best_mae, validated_at, val_rounds
         if validated_at == step:
             return
         validated_at = step
+        val_rounds += 1
         metrics = evaluate(engine.module, method, val_loader, device)
         log.scalars("val", step, metrics)
         if metrics.get("mae", float("inf")) < best_mae:
             best_mae = metrics["mae"]
             log.save_best(engine.module, metrics, step)
+        if reporter is not None:
+            tag_dir = ckpt_root / save()
+            reporter({"val_round": val_rounds, "step": step, "epoch": round(step / steps_per_epoch, 3),
+                      "best_val_mae": best_mae, **{f"val_{k}": v for k, v in metrics.items()}},
+                     tag_dir if rank == 0 else None)
 
     engine.train()
     stopped = False
@@ -149,18 +177,17 @@ def train(cfg, resume: bool = False) -> dict:
             if tc.val_every_steps and step % tc.val_every_steps == 0:
                 validate()
             if all_true(stop.requested):
-                checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
-                log.close()
+                log.preempted(step, save(), stop.signal)
                 raise SystemExit(EXIT_PREEMPTED)
             if step % tc.ckpt_every_steps == 0 and step < total_steps:
-                checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+                save()
             if step >= total_steps:
                 stopped = True
                 break
         if train_loader.epoch != epoch or stopped:  # a full epoch, or the last step
             validate()
 
-    checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+    save()
     summary = {"steps": step, "best_val_mae": best_mae, "world_size": world,
                "param_checksums": log.param_checksums(engine.module)}
     if tc.test_at_end:

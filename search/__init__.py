@@ -1,0 +1,1 @@
+"""Hyperparameter search: Ray Tune sweeps whose trials are real training runs."""

@@ -1,0 +1,139 @@
+"""`agescale tune`: start (or resume) a Ray Tune sweep and write its tables.
+
+Layout of OUT:
+  sweep.json        the spec and the resolved base config (what --resume reads)
+  ray/              Ray Tune's experiment state, per-trial results and Tune checkpoints
+  trials/<id>/      each trial's run directory (config.yaml, metrics.jsonl, checkpoints, ...)
+  results.csv, results.json, best.yaml, val_mae.png   written at the end (results.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from launch.config import resolved
+from launch.errors import UserError
+from search.spec import SweepSpec, load_spec
+
+EXPERIMENT = "ray"
+STATE = "sweep.json"
+
+
+def _ray_env() -> None:
+    """Ray 2.60 writes an auth token under ~ unless auth is off, and reports usage over the
+    network unless told not to; a local sweep needs neither."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Tune warns when trials report checkpoints often; ours do once per validation, by design.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def _start_ray(spec: SweepSpec) -> None:
+    import ray
+
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, log_to_driver=False)
+    else:
+        # address="local": always a new private instance, never a cluster left running by others.
+        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="WARNING")
+
+
+def _sampler(kind: str, args):
+    from ray import tune
+
+    return {"grid": tune.grid_search, "choice": tune.choice}[kind](args) if kind in ("grid", "choice") else \
+        getattr(tune, kind)(*args)
+
+
+def _trainable(spec: SweepSpec, base: dict, out: Path):
+    from ray import tune
+
+    from search.trial import run_trial
+
+    r = spec.resources
+    fn = tune.with_parameters(run_trial, base=base, out=str(out), workers=r.workers,
+                              cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker)
+    if r.workers == 1:
+        return tune.with_resources(fn, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
+    # The trial is only a driver; its Ray Train workers ask for their own resources.
+    return tune.with_resources(fn, {"cpu": 0})
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s = spec.scheduler
+    if s.name == "asha":
+        return ASHAScheduler(time_attr="val_round", max_t=s.max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        return PopulationBasedTraining(time_attr="val_round", perturbation_interval=s.perturbation_interval,
+                                       quantile_fraction=s.quantile_fraction,
+                                       hyperparam_mutations={k: _sampler(*next(iter(v.items())))
+                                                             if next(iter(v)) != "grid" else next(iter(v.values()))
+                                                             for k, v in spec.space.items()})
+    return FIFOScheduler()
+
+
+def _run_config(spec: SweepSpec, out: Path):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=EXPERIMENT, storage_path=str(out.resolve()), verbose=1, log_to_file=True,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+
+
+def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    spec, base = load_spec(spec_path, overrides)
+    if (out / STATE).exists():
+        raise UserError(f"{out} already holds a sweep: continue it with `agescale tune --resume {out}` "
+                        f"or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    base_raw = resolved(base)
+    (out / STATE).write_text(json.dumps({"spec": spec.model_dump(mode="json"), "base": base_raw,
+                                         "spec_file": str(spec_path)}, indent=1) + "\n")
+    _ray_env()
+    _start_ray(spec)
+    space = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items()}
+    if spec.scheduler.name == "pbt":  # PBT draws its initial values from the mutations
+        space = {k: (v if next(iter(spec.space[k])) != "grid" else tune.choice(spec.space[k]["grid"]))
+                 for k, v in space.items()}
+    tuner = tune.Tuner(
+        _trainable(spec, base_raw, out), param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                    scheduler=_scheduler(spec), max_concurrent_trials=spec.max_concurrent,
+                                    search_alg=BasicVariantGenerator(random_state=spec.seed)),
+        run_config=_run_config(spec, out))
+    return _finish(tuner.fit(), spec, base_raw, out)
+
+
+def resume_sweep(out: Path) -> dict:
+    from ray import tune
+
+    state_file = out / STATE
+    if not state_file.exists():
+        raise UserError(f"{out}: no {STATE} there; is it the --out folder of an `agescale tune` sweep?")
+    state = json.loads(state_file.read_text())
+    spec = SweepSpec.model_validate(state["spec"])
+    if not tune.Tuner.can_restore(str((out / EXPERIMENT).resolve())):
+        raise UserError(f"{out / EXPERIMENT}: no Ray Tune experiment state to resume (the sweep stopped before "
+                        f"its first trial started); start it again with another --out")
+    _ray_env()
+    _start_ray(spec)
+    tuner = tune.Tuner.restore(str((out / EXPERIMENT).resolve()), trainable=_trainable(spec, state["base"], out),
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    return _finish(tuner.fit(), spec, state["base"], out)
+
+
+def _finish(grid, spec: SweepSpec, base: dict, out: Path) -> dict:
+    from search.results import write_results
+
+    return write_results(grid, spec, base, out)
