@@ -3,6 +3,7 @@ variables (cluster/env.py), or a one-process group on a free loopback port."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import timedelta
@@ -19,11 +20,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _warn_restart_hang() -> None:
+    """torchrun shares its rendezvous TCPStore with the workers by default, and workers it restarts
+    (--max-restarts) then hang in init_process_group on stale keys (pytorch/pytorch#135712; seen
+    here with torch 2.14 and gloo). The fix is an environment variable torchrun itself must see."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and \
+            os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and os.environ.get("RANK") == "0":
+        logging.getLogger("agescale").warning(
+            "torchrun --max-restarts is set but TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not 1: restarted workers "
+            "can hang (pytorch#135712); export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+
+
 def init(env: DistEnv, device: str) -> None:
     import deepspeed
 
     if dist.is_initialized():
         return
+    _warn_restart_hang()
     if env.launcher == "none":
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     else:

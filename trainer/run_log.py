@@ -5,6 +5,7 @@ collective calls. Run directory layout:
   metrics.jsonl      one JSON line per log/val    tensorboard/   the same scalars for TensorBoard
   best/model.safetensors + best/metrics.json      the best model by validation MAE
   checkpoints/       DeepSpeed checkpoints + LATEST              summary.json   the final result
+  preempted.json     present while the run is stopped by a signal (SLURM requeues on it)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from tqdm import tqdm
 
 from data_pipeline.shard import MANIFEST
 from launch.config import resolved, save_yaml
+
+
+PREEMPTED = "preempted.json"
 
 
 def _barrier() -> None:
@@ -42,6 +47,7 @@ class RunLog:
         self._tb = self._bar = None
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / PREEMPTED).unlink(missing_ok=True)
             save_yaml(resolved(cfg), run_dir / "config.yaml")
             manifest = Path(cfg.data.loader.shards) / MANIFEST
             info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
@@ -100,6 +106,16 @@ class RunLog:
     def finish(self, summary: dict) -> None:
         if self.main:
             _atomic_json(self.dir / "summary.json", summary)
+        self.close()
+
+    def preempted(self, step: int, tag: str, signal_name: str) -> None:
+        """Stopped by SIGTERM/SIGUSR1 after a checkpoint: leave `preempted.json` for the job script
+        (it requeues the job) and say so; the next start removes the file."""
+        if self.main:
+            _atomic_json(self.dir / PREEMPTED, {"step": step, "checkpoint": tag, "signal": signal_name,
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            print(f"agescale: stopped by {signal_name} at step {step}; checkpoint {tag} saved; exit code 75 "
+                  f"(continue with --resume)", file=sys.stderr, flush=True)
         self.close()
 
     def close(self) -> None:
