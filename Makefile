@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/agescale/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo tune-demo slurm-up slurm-down bench clean
 
 venv:
 	@scripts/ensure_venv.sh
@@ -24,6 +24,19 @@ demo: venv
 	$(VENV)/bin/agescale train configs/experiments/demo_cpu.yaml
 	$(VENV)/bin/agescale export runs/demo --out runs/demo/bundle
 	$(VENV)/bin/agescale predict runs/demo/bundle data/sample/utkface/26_1_0_20170103180946896.jpg.chip.jpg
+
+# 4 Ray Tune trials (2 methods x 2 augmentation strengths) on the sample, ASHA; ~1.5 min on 2 cores.
+tune-demo: venv
+	test -f runs/demo/shards/manifest.json || $(VENV)/bin/agescale shard --dataset utkface --src data/sample/utkface --out runs/demo/shards
+	rm -rf runs/tune-demo
+	$(VENV)/bin/agescale tune configs/tune/demo.yaml --out runs/tune-demo
+
+# A one-node SLURM cluster on this machine (root; installs slurm-wlm + munge if missing).
+slurm-up:
+	cluster/slurm/local_cluster.sh up
+
+slurm-down:
+	cluster/slurm/local_cluster.sh down
 
 bench: venv
 	$(VENV)/bin/agescale bench shard --out runs/bench/shard.json

@@ -20,23 +20,24 @@ TRIAL_ID = re.compile(r"([0-9a-f]{5}_\d{5})")
 
 
 def _trial_id(result) -> str | None:
-    tid = (result.metrics or {}).get("trial_id")
-    if tid:
-        return tid
+    # The trial's folder names it; its last metrics may be another trial's after a PBT exploit.
     m = TRIAL_ID.search(Path(result.path).name)
-    return m.group(1) if m else None
+    return m.group(1) if m else (result.metrics or {}).get("trial_id")
 
 
-def _history(result) -> list[dict]:
-    """(val_round, epoch, val_mae) per validation, one row per round (a resumed trial may repeat one)."""
-    df = result.metrics_dataframe
-    if df is None or "val_mae" not in df:
+def _history(run: Path | None) -> list[dict]:
+    """(step, epoch, val_mae) per validation, from the trainer's own log: one per step, the last
+    one where a resume or a PBT copy went over a step again, so it is the run's final lineage."""
+    log = run / "metrics.jsonl" if run else None
+    if not log or not log.exists():
         return []
-    rows = {}
-    for r in df[["val_round", "epoch", "step", "val_mae"]].dropna().to_dict("records"):
-        rows[int(r["val_round"])] = {"val_round": int(r["val_round"]), "epoch": float(r["epoch"]),
-                                     "step": int(r["step"]), "val_mae": float(r["val_mae"])}
-    return [rows[k] for k in sorted(rows)]
+    maes = {}
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["phase"] == "val":
+            maes[rec["step"]] = rec["mae"]
+    spe = json.loads((run / "run.json").read_text()).get("steps_per_epoch") or 0
+    return [{"step": s, "epoch": round(s / spe, 3) if spe else None, "val_mae": maes[s]} for s in sorted(maes)]
 
 
 def _row(result, spec: SweepSpec, out: Path) -> dict:
@@ -46,7 +47,7 @@ def _row(result, spec: SweepSpec, out: Path) -> dict:
     summary = json.loads(summary_file.read_text()) if summary_file and summary_file.exists() else None
     attempts_file = run / ATTEMPTS if run else None
     attempts = len(attempts_file.read_text().splitlines()) if attempts_file and attempts_file.exists() else 0
-    history = _history(result)
+    history = _history(run)
     error = None
     if result.error is not None:
         text = str(result.error).strip().splitlines()
@@ -75,7 +76,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["history"]:
             label = f"{r['trial_id']} ({r['status']}, best {r['best_val_mae']:.2f})"
-            ax.plot([h["epoch"] for h in r["history"]], [h["val_mae"] for h in r["history"]], marker="o",
+            ax.plot([h["epoch"] if h["epoch"] is not None else h["step"] for h in r["history"]],
+                    [h["val_mae"] for h in r["history"]], marker="o",
                     label=label, linestyle="--" if r["status"] != "completed" else "-")
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation MAE (years)")

@@ -48,6 +48,8 @@ class Scheduler(Strict):
     # checkpoint and perturbs the space's keys.
     perturbation_interval: int = Field(2, ge=1)
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    synch: bool = Field(False, description="PBT waits for every trial at each perturbation (reproducible, "
+                                           "slower when trials run at different speeds)")
 
 
 class RayOptions(Strict):

@@ -55,12 +55,27 @@ def _trainable(spec: SweepSpec, base: dict, out: Path):
     from search.trial import run_trial
 
     r = spec.resources
+    every = spec.scheduler.perturbation_interval if spec.scheduler.name == "pbt" else 1
     fn = tune.with_parameters(run_trial, base=base, out=str(out), workers=r.workers,
-                              cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker)
+                              cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                              checkpoint_every=every)
     if r.workers == 1:
         return tune.with_resources(fn, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
-    # The trial is only a driver; its Ray Train workers ask for their own resources.
-    return tune.with_resources(fn, {"cpu": 0})
+    # The trial is only a driver; its Ray Train workers ask for their own resources. Tune needs a
+    # non-empty request, and a CPU held by an idle driver could leave its workers unschedulable.
+    return tune.with_resources(fn, {"cpu": 0, "memory": 1})
+
+
+def _max_concurrent(spec: SweepSpec) -> int | None:
+    """Trials at once: as the spec says, else for Ray Train trials as many as the cluster's CPUs
+    hold (their drivers reserve nothing, so Tune alone would start them all)."""
+    import ray
+
+    r = spec.resources
+    if spec.max_concurrent or r.workers == 1:
+        return spec.max_concurrent
+    per_trial = r.workers * r.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", per_trial) // per_trial))
 
 
 def _scheduler(spec: SweepSpec):
@@ -72,7 +87,7 @@ def _scheduler(spec: SweepSpec):
                              reduction_factor=s.reduction_factor)
     if s.name == "pbt":
         return PopulationBasedTraining(time_attr="val_round", perturbation_interval=s.perturbation_interval,
-                                       quantile_fraction=s.quantile_fraction,
+                                       quantile_fraction=s.quantile_fraction, synch=s.synch,
                                        hyperparam_mutations={k: _sampler(*next(iter(v.items())))
                                                              if next(iter(v)) != "grid" else next(iter(v.values()))
                                                              for k, v in spec.space.items()})
@@ -85,7 +100,8 @@ def _run_config(spec: SweepSpec, out: Path):
     return tune.RunConfig(
         name=EXPERIMENT, storage_path=str(out.resolve()), verbose=1, log_to_file=True,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        # PBT copies checkpoints between trials some rounds after they were reported: keep a few.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler.name == "pbt" else 1))
 
 
 def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
@@ -103,13 +119,10 @@ def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
     _ray_env()
     _start_ray(spec)
     space = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items()}
-    if spec.scheduler.name == "pbt":  # PBT draws its initial values from the mutations
-        space = {k: (v if next(iter(spec.space[k])) != "grid" else tune.choice(spec.space[k]["grid"]))
-                 for k, v in space.items()}
     tuner = tune.Tuner(
         _trainable(spec, base_raw, out), param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    scheduler=_scheduler(spec), max_concurrent_trials=spec.max_concurrent,
+                                    scheduler=_scheduler(spec), max_concurrent_trials=_max_concurrent(spec),
                                     search_alg=BasicVariantGenerator(random_state=spec.seed)),
         run_config=_run_config(spec, out))
     return _finish(tuner.fit(), spec, base_raw, out)

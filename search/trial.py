@@ -67,8 +67,10 @@ def _run(cfg, trial_id: str, report) -> dict:
 
 
 def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_worker: float,
-              gpus_per_worker: float) -> None:
-    """The Tune trainable (a function trainable; `params` are the sampled dotted keys)."""
+              gpus_per_worker: float, checkpoint_every: int = 1) -> None:
+    """The Tune trainable (a function trainable; `params` are the sampled dotted keys). A Tune
+    checkpoint goes with every `checkpoint_every`-th validation round (PBT: its perturbation
+    interval, so a checkpoint it is about to copy is not rotated away by newer ones first)."""
     from ray import tune
 
     from search.spec import trial_config
@@ -90,7 +92,8 @@ def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_work
     if workers == 1:
 
         def report(metrics: dict, tag_dir: Path | None) -> None:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(tag_dir)) if tag_dir else None)
+            keep = tag_dir is not None and metrics["val_round"] % checkpoint_every == 0
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(tag_dir)) if keep else None)
 
         _run(cfg, trial_id, report)
         return

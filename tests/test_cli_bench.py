@@ -8,8 +8,27 @@ import fixtures
 from conftest import run_cli
 
 
-@pytest.mark.parametrize("cmd", [[], ["shard"], ["verify"], ["datasets"], ["bench"], ["bench", "shard"], ["methods"],
-                                 ["bench", "loader"], ["bench", "train"], ["train"]])
+def _commands(parser=None, prefix=()) -> list[list[str]]:
+    """Every subcommand path, read from the parser itself (a new command cannot be missed)."""
+    import argparse
+
+    from launch.cli import build_parser
+
+    parser = parser or build_parser()
+    out = [list(prefix)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _commands(sub, (*prefix, name))
+    return out
+
+
+def test_the_command_list_is_complete():
+    names = {" ".join(c) for c in _commands()}
+    assert {"tune", "slurm", "train", "evaluate", "export", "predict", "bench predict"} <= names
+
+
+@pytest.mark.parametrize("cmd", _commands(), ids=lambda c: " ".join(c) or "agescale")
 def test_every_subcommand_has_help(cmd):
     r = run_cli(*cmd, "--help")
     assert r.returncode == 0 and "usage: agescale" in r.stdout and len(r.stdout.splitlines()) > 4

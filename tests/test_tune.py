@@ -182,3 +182,41 @@ def test_spec_errors_name_the_key(utk_shards, tmp_path):
     r = tune("--resume", tmp_path / "nothing", home=tmp_path / "home")
     assert r.returncode == 2 and "no sweep.json" in r.stderr
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+
+
+def test_trial_on_two_ray_train_workers(utk_shards, tmp_path):
+    """resources.workers: 2 -> the trial builds a Ray Train TorchTrainer; both ranks train in sync."""
+    spec = write_spec(tmp_path / "spec.yaml", utk_shards, space={"model.method": {"grid": ["dex"]}},
+                      resources={"workers": 2, "cpus_per_worker": 1})
+    r = tune(spec, "--out", tmp_path / "out", home=tmp_path / "home")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = rows(tmp_path / "out")
+    assert row["status"] == "completed" and int(row["steps"]) == 16
+    summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert float(row["best_val_mae"]) == pytest.approx(min(val_maes(Path(row["run_dir"])).values()))
+
+
+def test_pbt_copies_a_better_trial_and_perturbs_its_config(utk_shards, tmp_path):
+    spec = write_spec(tmp_path / "spec.yaml", utk_shards,
+                      space={"train.optimizer.lr": {"grid": [0.0001, 0.005]},
+                             "data.loader.augment.strength": {"uniform": [0.5, 1.5]}},
+                      scheduler={"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
+                                 "synch": True})
+    spec_raw = yaml.safe_load(spec.read_text())
+    spec_raw["overrides"]["train.max_steps"] = 32
+    spec.write_text(yaml.safe_dump(spec_raw))
+    r = tune(spec, "--out", tmp_path / "out", home=tmp_path / "home")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = {t["trial_id"]: t for t in rows(tmp_path / "out")}
+    assert len(table) == 2 and all(t["status"] == "completed" for t in table.values())
+    exploits = [json.loads(l) for l in (tmp_path / "out" / "ray" / "pbt_global.txt").read_text().splitlines()]
+    assert exploits, "PBT never exploited"
+    target_tag, _, _, _, _, new_config = exploits[-1]
+    target = next(t for tid, t in table.items() if tid.endswith(f"_{int(target_tag.split('_')[0]):05d}"))
+    starts = [json.loads(l) for l in (Path(target["run_dir"]) / "attempts.jsonl").read_text().splitlines()]
+    assert any(s["from_checkpoint"] for s in starts[1:])        # continued from the copied checkpoint
+    cfg = yaml.safe_load((Path(target["run_dir"]) / "config.yaml").read_text())
+    assert cfg["train"]["optimizer"]["lr"] == pytest.approx(new_config["train.optimizer.lr"])
+    assert cfg["data"]["loader"]["augment"]["strength"] == \
+        pytest.approx(new_config["data.loader.augment.strength"])

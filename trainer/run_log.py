@@ -42,7 +42,7 @@ def _atomic_json(path: Path, data) -> None:
 
 class RunLog:
     def __init__(self, run_dir: Path, cfg, rank: int, world: int, total_steps: int, step: int,
-                 resumed_from: str | None):
+                 resumed_from: str | None, steps_per_epoch: int | None = None):
         self.dir, self.rank, self.main = run_dir, rank, rank == 0
         self._tb = self._bar = None
         if self.main:
@@ -55,7 +55,7 @@ class RunLog:
                                                   "resumed_from": resumed_from, "step": step})
             info["data_manifest_sha256"] = (hashlib.sha256(manifest.read_bytes()).hexdigest()
                                             if manifest.exists() else None)
-            info["total_steps"] = total_steps
+            info["total_steps"], info["steps_per_epoch"] = total_steps, steps_per_epoch
             _atomic_json(run_dir / "run.json", info)
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)

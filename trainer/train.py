@@ -117,7 +117,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         train_loader.load_state_dict(state["loader"])
         # The config's learning rate wins over the checkpoint's (PBT changes it between resumes).
         scheduler.base_lrs = [tc.optimizer.lr for _ in scheduler.base_lrs]
-    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from)
+    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from, steps_per_epoch)
     stop = _Stop()
 
     def client_state() -> dict:
