@@ -15,6 +15,7 @@ typo in a key or a value outside the trainer's range fails in a second, naming t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -173,5 +174,4 @@ def _absolute_paths(cfg: Config) -> Config:
 
 def trial_config(base: dict, params: dict[str, Any], run_dir: Path) -> Config:
     """The base config with one trial's sampled values and its own run directory."""
-    return _config_from(yaml.safe_load(yaml.safe_dump(base)), [], "trial config",
-                        {**params, "train.run_dir": str(run_dir)})
+    return _config_from(copy.deepcopy(base), [], "trial config", {**params, "train.run_dir": str(run_dir)})
