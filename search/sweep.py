@@ -109,6 +109,7 @@ def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec, base = load_spec(spec_path, overrides)
+    out = out.resolve()  # trials run in Ray workers with another working directory
     if (out / STATE).exists():
         raise UserError(f"{out} already holds a sweep: continue it with `agescale tune --resume {out}` "
                         f"or choose another --out")
@@ -131,6 +132,7 @@ def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
 def resume_sweep(out: Path) -> dict:
     from ray import tune
 
+    out = out.resolve()
     state_file = out / STATE
     if not state_file.exists():
         raise UserError(f"{out}: no {STATE} there; is it the --out folder of an `agescale tune` sweep?")

@@ -46,8 +46,8 @@ def tune_env(home: Path) -> dict:
     return env
 
 
-def tune(*args, home: Path, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([AGESCALE, "tune", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+def tune(*args, home: Path, timeout=600, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([AGESCALE, "tune", *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env=tune_env(home), timeout=timeout)
 
 
@@ -66,7 +66,7 @@ def val_maes(run_dir: Path) -> dict[int, float]:
 def sweep(utk_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     spec = write_spec(tmp / "spec.yaml", utk_shards)
-    r = tune(spec, "--out", tmp / "out", home=tmp / "home")
+    r = tune(spec, "--out", "out", home=tmp / "home", cwd=tmp)  # a relative --out, as users write it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return tmp, spec, r
 
@@ -80,6 +80,7 @@ def test_asha_sweep_of_four_real_trials(sweep):
     assert {t["status"] for t in table} <= {"completed", "stopped"}
     assert any(t["status"] == "completed" for t in table)
     for t in table:
+        assert Path(t["run_dir"]).parent == out / "trials"
         own = val_maes(Path(t["run_dir"]))          # what the trainer itself logged
         assert float(t["best_val_mae"]) == pytest.approx(min(own.values()))
         assert int(t["val_rounds"]) == len(own) and int(t["steps"]) == max(own)
