@@ -11,6 +11,13 @@ Parameter vector per sample (float32), in normalised image coordinates:
   6 brightness  7 contrast  8 saturation (0 = grayscale)  9 hue (degrees)  10 blur sigma (0 = none)
 Order of operations, the same in both backends: crop → resize to the output size → rotate →
 colour → blur → flip → normalise. Augmenting after the resize is what makes it cheap.
+
+Contrast scales about the image's mean grey in torchvision and about mid-grey (128) in DALI's
+`color_twist`; `contrast_shift` makes DALI's mean torchvision's. Hue is a rotation in YIQ
+space in DALI (luma kept) and a shift of the HSV hue in torchvision (value kept): the same
+parameter changed skin tones as much between the backends as the augmentation itself, so the
+torch backend applies DALI's YIQ rotation (`yiq_hue_matrix`) instead of `adjust_hue`.
+tests/test_loader.py measures each knob alone in both backends.
 """
 
 from __future__ import annotations
@@ -57,6 +64,18 @@ def draw_params(policy: AugmentPolicy, seed: int, epoch: int, num_samples: int) 
     return v
 
 
+# NTSC RGB -> YIQ
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def yiq_hue_matrix(degrees: float) -> np.ndarray:
+    """3x3 RGB matrix of DALI's hue change: the chroma plane (I, Q) turned by -degrees
+    (checked against `color_twist` to 1e-3). Written out because torchvision has no YIQ hue."""
+    t = math.radians(-degrees)
+    turn = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
+    return np.linalg.inv(_YIQ) @ turn @ _YIQ
+
+
 # ---------------------------------------------------------------- DALI
 
 def dali_images(jpegs, params, cfg: LoaderConfig, train: bool, device: str):
@@ -77,13 +96,30 @@ def dali_images(jpegs, params, cfg: LoaderConfig, train: bool, device: str):
     img = fn.resize(img, size=(size, size), antialias=True)
     if p.rotation > 0:
         img = fn.rotate(img, angle=params[5], keep_size=True, fill_value=0)
+    mean = norm.pop("mean")
     if p.brightness or p.contrast or p.saturation or p.hue or p.grayscale:
+        if p.contrast:
+            mean = types.Constant(np.array(mean, np.float32)) - contrast_shift(img, params[6], params[7])
         img = fn.color_twist(img, brightness=params[6], contrast=params[7], saturation=params[8], hue=params[9])
     if p.blur > 0:
-        blurred = fn.gaussian_blur(img, sigma=fn.math.max(params[10], 1e-3), window_size=blur_kernel(p.blur_sigma[1]))
+        from nvidia.dali import math as dmath
+        blurred = fn.gaussian_blur(img, sigma=dmath.max(params[10], 1e-3), window_size=blur_kernel(p.blur_sigma[1]))
         keep = fn.cast(params[10] <= 0, dtype=types.FLOAT)
         img = fn.cast(blurred * (1.0 - keep) + img * keep, dtype=types.UINT8)
-    return fn.crop_mirror_normalize(img, mirror=fn.cast(params[4], dtype=types.INT32), **norm)
+    return fn.crop_mirror_normalize(img, mirror=fn.cast(params[4], dtype=types.INT32), mean=mean, **norm)
+
+
+def contrast_shift(img, brightness, contrast):
+    """Per sample, what turns DALI's contrast into torchvision's: DALI scales about mid-grey
+    (128), torchvision about the mean grey m of the brightness-adjusted image; the results
+    differ by b(1 - c)(m - 128) on every channel. A grey offset passes unchanged through
+    saturation, hue (both keep the grey axis), blur and flip, so it goes into the
+    normalisation's per-sample mean instead of another pass over the pixels."""
+    from nvidia.dali import fn, types
+
+    grey = fn.reductions.mean(fn.color_space_conversion(img, image_type=types.RGB, output_type=types.GRAY),
+                              dtype=types.FLOAT)
+    return brightness * (1.0 - contrast) * (grey - 128.0)
 
 
 # ---------------------------------------------------------------- torchvision
@@ -112,7 +148,9 @@ def torch_image(pil_image, params: np.ndarray | None, cfg: LoaderConfig, train: 
             img = F.adjust_brightness(img, float(params[6]))
             img = F.adjust_contrast(img, float(params[7]))
             img = F.adjust_saturation(img, float(params[8]))
-            img = F.adjust_hue(img, float(params[9]) / 360.0)
+            if params[9]:
+                m = torch.from_numpy(yiq_hue_matrix(float(params[9]))).float()
+                img = torch.einsum("ij,jhw->ihw", m, img.float()).round_().clamp_(0, 255).to(torch.uint8)
         if params[10] > 0:
             k = blur_kernel(p.blur_sigma[1])
             img = F.gaussian_blur(img, [k, k], [float(params[10])] * 2)
