@@ -66,6 +66,7 @@ def draw_params(policy: AugmentPolicy, seed: int, epoch: int, num_samples: int) 
 
 # NTSC RGB -> YIQ
 _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_RGB = np.linalg.inv(_YIQ)
 
 
 def yiq_hue_matrix(degrees: float) -> np.ndarray:
@@ -73,7 +74,7 @@ def yiq_hue_matrix(degrees: float) -> np.ndarray:
     (checked against `color_twist` to 1e-3). Written out because torchvision has no YIQ hue."""
     t = math.radians(-degrees)
     turn = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
-    return np.linalg.inv(_YIQ) @ turn @ _YIQ
+    return _RGB @ turn @ _YIQ
 
 
 # ---------------------------------------------------------------- DALI
