@@ -98,7 +98,7 @@ def _run_config(spec: SweepSpec, out: Path):
     from ray import tune
 
     return tune.RunConfig(
-        name=EXPERIMENT, storage_path=str(out.resolve()), verbose=1, log_to_file=True,
+        name=EXPERIMENT, storage_path=str(out), verbose=1, log_to_file=True,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         # PBT copies checkpoints between trials some rounds after they were reported: keep a few.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler.name == "pbt" else 1))
@@ -138,12 +138,12 @@ def resume_sweep(out: Path) -> dict:
         raise UserError(f"{out}: no {STATE} there; is it the --out folder of an `agescale tune` sweep?")
     state = json.loads(state_file.read_text())
     spec = SweepSpec.model_validate(state["spec"])
-    if not tune.Tuner.can_restore(str((out / EXPERIMENT).resolve())):
+    if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
         raise UserError(f"{out / EXPERIMENT}: no Ray Tune experiment state to resume (the sweep stopped before "
                         f"its first trial started); start it again with another --out")
     _ray_env()
     _start_ray(spec)
-    tuner = tune.Tuner.restore(str((out / EXPERIMENT).resolve()), trainable=_trainable(spec, state["base"], out),
+    tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=_trainable(spec, state["base"], out),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     return _finish(tuner.fit(), spec, state["base"], out)
 

@@ -38,8 +38,7 @@ def _install(tune_ckpt: Path, ckpt_root: Path, trial_id: str) -> None:
     dst = ckpt_root / origin["tag"]
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(tune_ckpt, dst)
-    (ckpt_root / (checkpoint.POINTER + ".tmp")).write_text(origin["tag"] + "\n")
-    (ckpt_root / (checkpoint.POINTER + ".tmp")).replace(ckpt_root / checkpoint.POINTER)
+    checkpoint.set_latest(ckpt_root, origin["tag"])
 
 
 def _record_attempt(run_dir: Path) -> None:

@@ -67,6 +67,13 @@ def to_universal(ckpt_root: Path, tag: str, rank: int) -> Path:
     return out
 
 
+def set_latest(ckpt_root: Path, tag: str) -> None:
+    """Point LATEST at `tag`, atomically (a crash leaves the old pointer or the new one)."""
+    tmp = ckpt_root / (POINTER + ".tmp")
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, ckpt_root / POINTER)
+
+
 def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
@@ -79,9 +86,7 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank
         (ckpt_root / tag / META).write_text(json.dumps({
             "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "zero_stage": engine.zero_optimization_stage()}) + "\n")
-        tmp = ckpt_root / (POINTER + ".tmp")
-        tmp.write_text(tag + "\n")
-        os.replace(tmp, ckpt_root / POINTER)
+        set_latest(ckpt_root, tag)
         tags = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir())
         for old in tags[:-keep]:
             if old != tag:
