@@ -10,7 +10,9 @@ Parameter vector per sample (float32), in normalised image coordinates:
   0-3 crop x, y, w, h   4 flip (0/1)   5 angle (deg, counter-clockwise)
   6 brightness  7 contrast  8 saturation (0 = grayscale)  9 hue (degrees)  10 blur sigma (0 = none)
 Order of operations, the same in both backends: crop → resize to the output size → rotate →
-colour → blur → flip → normalise. Augmenting after the resize is what makes it cheap.
+colour → blur → flip → normalise. Augmenting after the resize is what makes it cheap. In DALI,
+the steps after the resize run either as DALI operators (the GPU path) or, on the CPU, as one
+fused kernel (augment_kernel.py), where DALI's CPU operators are slow.
 
 Contrast scales about the image's mean grey in torchvision and about mid-grey (128) in DALI's
 `color_twist`; `contrast_shift` makes DALI's mean torchvision's. Hue is a rotation in YIQ
@@ -95,6 +97,9 @@ def dali_images(jpegs, params, cfg: LoaderConfig, train: bool, device: str):
     img = fn.decoders.image_slice(jpegs, params[0:2], params[2:4], device=decoder, output_type=types.RGB,
                                   normalized_anchor=True, normalized_shape=True)
     img = fn.resize(img, size=(size, size), antialias=True)
+    if augment_ops(cfg) == "fused":
+        from data_pipeline.augment_kernel import fused_augment
+        return fused_augment(img, params, cfg)
     if p.rotation > 0:
         img = fn.rotate(img, angle=params[5], keep_size=True, fill_value=0)
     mean = norm.pop("mean")
@@ -108,6 +113,14 @@ def dali_images(jpegs, params, cfg: LoaderConfig, train: bool, device: str):
         keep = fn.cast(params[10] <= 0, dtype=types.FLOAT)
         img = fn.cast(blurred * (1.0 - keep) + img * keep, dtype=types.UINT8)
     return fn.crop_mirror_normalize(img, mirror=fn.cast(params[4], dtype=types.INT32), mean=mean, **norm)
+
+
+def augment_ops(cfg: LoaderConfig) -> str:
+    """Which implementation augments after the resize: `fused` (one Numba kernel, the fast
+    choice on the CPU) or `dali` (DALI's operators, the fast choice on the GPU)."""
+    if cfg.augment_ops == "auto":
+        return "dali" if cfg.device == "gpu" else "fused"
+    return cfg.augment_ops
 
 
 def contrast_shift(img, brightness, contrast):

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -140,12 +140,22 @@ class LoaderConfig(Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int | None = Field(None, ge=1)
     eval_crop_pct: float = Field(1.0, gt=0, le=1, description="eval: resize shorter side to size/crop_pct, centre crop")
-    workers: int | None = Field(None, ge=0, description="DALI threads / DataLoader workers; default: all cores")
+    workers: int | None = Field(None, ge=0, description="DALI threads / DataLoader workers; default: all cores (DALI: cores + 1)")
     seed: int = Field(0, ge=0, description="epoch order and augmentation seed")
     on_bad_sample: Literal["error", "skip"] = "error"
+    augment_ops: Literal["auto", "fused", "dali"] = Field(
+        "auto", description="dali backend, training: after the resize, augment with one fused Numba kernel "
+        "(CPU only) or with DALI's operators; auto: fused on cpu, dali on gpu")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     augment: AugmentPolicy = Field(default_factory=AugmentPolicy)
+
+
+    @model_validator(mode="after")
+    def _fused_is_cpu_only(self) -> "LoaderConfig":
+        if self.augment_ops == "fused" and self.device == "gpu":
+            raise ValueError("augment_ops=fused runs on the CPU only; use augment_ops=dali (or auto) with device=gpu")
+        return self
 
 
 class DataConfig(Strict):

@@ -195,7 +195,7 @@ def cmd_bench_shard(args: argparse.Namespace) -> int:
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     from bench.loader import run
 
-    return _emit(run(args.src, shards=args.shards, images=args.images), args.out)
+    return _emit(run(args.src, shards=args.shards, images=args.images, rounds=args.rounds), args.out)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--src", type=Path, default=Path("../shared/data/utkface"), help="folder of UTKFace JPEGs")
     b.add_argument("--shards", type=Path, help="use this shard directory instead of sharding --src")
     b.add_argument("--images", type=int, default=2400, help="images timed per measurement")
+    b.add_argument("--rounds", type=int, default=3, help="measurements per configuration, interleaved; the median "
+                                                         "is reported")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_loader)
     b = bsub.add_parser("train", help="trainer step time vs a bare PyTorch loop (synthetic data)",

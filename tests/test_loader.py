@@ -69,8 +69,8 @@ KNOBS = {"hflip": dict(hflip=1.0), "crop": dict(crop_scale=(0.5, 1), crop_ratio=
          "blur": dict(blur=1.0)}
 
 
-def first_batch(shards, backend, **knobs):
-    cfg = config(shards, backend, batch=16, workers=1)
+def first_batch(shards, backend, ops="auto", **knobs):
+    cfg = config(shards, backend, batch=16, workers=1, augment_ops=ops)
     cfg.loader.augment = AugmentPolicy(**{**NO_AUG, **knobs})
     return next(iter(create_loader(cfg, "train")))["image"]
 
@@ -81,8 +81,12 @@ def unaugmented(utk_shards):
 
 
 @pytest.mark.parametrize("knob", KNOBS)
-def test_each_augmentation_knob_means_the_same_in_dali_and_torchvision(utk_shards, unaugmented, knob):
-    dali, tv = first_batch(utk_shards, "dali", **KNOBS[knob]), first_batch(utk_shards, "torch", **KNOBS[knob])
+@pytest.mark.parametrize("ops", ["fused", "dali"])
+def test_each_augmentation_knob_means_the_same_in_dali_and_torchvision(utk_shards, unaugmented, knob, ops):
+    """Both DALI implementations (the CPU's fused kernel, the GPU's DALI operators run on the
+    CPU here) against the torch backend."""
+    dali = first_batch(utk_shards, "dali", ops, **KNOBS[knob])
+    tv = first_batch(utk_shards, "torch", **KNOBS[knob])
     effect = (dali - unaugmented).abs().mean().item()
     gap = (dali - tv).abs().mean().item()
     assert effect > 0.03, f"{knob} changed nothing"

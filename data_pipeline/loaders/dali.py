@@ -38,7 +38,11 @@ class DaliLoader(Loader):
         from nvidia.dali import Pipeline, fn, types
 
         gpu = self.cfg.device == "gpu"
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers),
+        # Default: one thread more than cores. DALI's CPU executor leaves cores idle between
+        # operators and while this thread feeds it; cores + 1 threads measured +25-35 % img/s
+        # with 2 cores (cores + 2 gave nothing more). An explicit `workers` is taken as is.
+        threads = self.workers if self.cfg.workers is not None else self.workers + 1
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, threads),
                         device_id=torch.cuda.current_device() if gpu else None, seed=self.cfg.seed,
                         prefetch_queue_depth=1, exec_async=True, exec_pipelined=True)
         with pipe:
@@ -59,7 +63,7 @@ class DaliLoader(Loader):
         src = [replace.get(pos, pos) for pos in range(len(idx))]
         self._pipe.feed_input("jpegs", [np.frombuffer(data[p], dtype=np.uint8) for p in src])
         if self.train:
-            self._pipe.feed_input("params", list(self._params(idx[src])))
+            self._pipe.feed_input("params", np.ascontiguousarray(self._params(idx[src])))  # one dense batch
         self._pipe.schedule_run()
         return replace
 
