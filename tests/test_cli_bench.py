@@ -45,11 +45,19 @@ def test_bench_shard_json(tmp_path, sample_jpegs):
 
 
 def test_bench_loader_json(utk_shards, tmp_path):
-    run_cli("bench", "loader", "--shards", utk_shards, "--images", "128", "--out", tmp_path / "l.json", check=True)
+    run_cli("bench", "loader", "--shards", utk_shards, "--images", "128", "--rounds", "2", "--out", tmp_path / "l.json",
+            check=True)
     out = json.loads((tmp_path / "l.json").read_text())
-    rows = {(r["backend"], r["size"], r["augment"]): r["img_s"] for r in out["results"]}
-    assert len(rows) == 8 and all(v > 0 for v in rows.values()) and out["target"] == 2.0
-    assert out["ratio"] == pytest.approx(rows[("dali-cpu", 112, "default")] / rows[("torch", 112, "default")], rel=0.01)
+    rows = {(r["backend"], r["size"], r["augment"]): r for r in out["results"]}
+    assert len(rows) == 10 and all(len(r["rounds"]) == 2 and r["img_s"] > 0 for r in rows.values())
+    assert all(r["img_s"] == pytest.approx(sum(r["rounds"]) / 2) for r in rows.values())  # median of two
+    img_s = {k: r["img_s"] for k, r in rows.items()}
+    assert out["target"] == 2.0 and out["dali_augment_vs_decode_resize_target"] == 0.8
+    assert out["ratio"] == pytest.approx(img_s[("dali-cpu", 112, "default")] / img_s[("torch", 112, "default")], rel=0.01)
+    assert out["dali_augment_vs_decode_resize"] == pytest.approx(
+        img_s[("dali-cpu", 112, "default")] / img_s[("dali-cpu", 112, "none")], rel=0.01)
+    assert out["fused_kernel_vs_dali_operators"] == pytest.approx(
+        img_s[("dali-cpu", 112, "default")] / img_s[("dali-cpu-ops", 112, "default")], rel=0.01)
 
 
 def test_bench_with_missing_source_is_one_line(tmp_path):
