@@ -163,7 +163,13 @@ def test_sigterm_checkpoints_requeues_and_finishes(slurm_env, utk_shards, tmp_pa
     assert not (run / "summary.json").exists()
     node_log = (run / "slurm" / f"{job}-{os.uname().nodename.split('.')[0]}.log").read_text()
     assert f"stopped by SIGTERM at step {stop['step']}; checkpoint {stop['checkpoint']} saved" in node_log
-    # A requeued job waits ~2 minutes (BeginTime) before SLURM starts it again; skip the wait.
+    # A requeued job waits ~2 minutes (BeginTime) before SLURM starts it again. Skip the wait,
+    # but only once it is pending and a second has passed: the requeue revokes the old launch
+    # credential with one-second resolution, and a relaunch within that second fails the job
+    # ("Killing non-startable batch job: Job credential revoked", seen once in slurmctld.log).
+    wait_for(job, slurm_env, lambda: job_field(job, slurm_env, "JobState") == "PENDING", timeout=60,
+             fail_fast=False)
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, capture_output=True)
     wait_for(job, slurm_env, lambda: job_field(job, slurm_env, "JobState") == "COMPLETED")
     summary = json.loads((run / "summary.json").read_text())
