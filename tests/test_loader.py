@@ -241,6 +241,18 @@ def test_gpu_mixed_decode_matches_cpu(utk_shards):
     assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < 0.02
 
 
+@pytest.mark.gpu
+def test_gpu_augmentation_matches_the_cpu_kernel(utk_shards):
+    """Training batches: DALI's operators on the GPU against the fused CPU kernel, same
+    parameters (the bound of test_backends_give_the_same_batches)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cpu = next(iter(create_loader(config(utk_shards), "train")))
+    gpu = next(iter(create_loader(config(utk_shards, device="gpu"), "train")))
+    assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
+    assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < 0.1
+
+
 def test_state_from_other_data_is_refused(utk_shards):
     loader = create_loader(config(utk_shards, "torch"), "train")
     with pytest.raises(UserError, match="num_samples=10"):
