@@ -232,25 +232,17 @@ def test_augment_params_depend_only_on_seed_epoch_sample():
 
 
 @pytest.mark.gpu
-def test_gpu_mixed_decode_matches_cpu(utk_shards):
+@pytest.mark.parametrize("split, bound", [("test", 0.02), ("train", 0.1)])
+def test_gpu_batches_match_cpu(utk_shards, split, bound):
+    """Evaluation: mixed decode against CPU decode. Training also: DALI's augmentation operators
+    on the GPU against the fused CPU kernel, same parameters (the bound of
+    test_backends_give_the_same_batches)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    cpu = next(iter(create_loader(config(utk_shards), "test")))
-    gpu = next(iter(create_loader(config(utk_shards, device="gpu"), "test")))
+    cpu = next(iter(create_loader(config(utk_shards), split)))
+    gpu = next(iter(create_loader(config(utk_shards, device="gpu"), split)))
     assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
-    assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < 0.02
-
-
-@pytest.mark.gpu
-def test_gpu_augmentation_matches_the_cpu_kernel(utk_shards):
-    """Training batches: DALI's operators on the GPU against the fused CPU kernel, same
-    parameters (the bound of test_backends_give_the_same_batches)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    cpu = next(iter(create_loader(config(utk_shards), "train")))
-    gpu = next(iter(create_loader(config(utk_shards, device="gpu"), "train")))
-    assert gpu["image"].is_cuda and cpu["key"] == gpu["key"]
-    assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < 0.1
+    assert (gpu["image"].cpu() - cpu["image"]).abs().mean().item() < bound
 
 
 def test_state_from_other_data_is_refused(utk_shards):
