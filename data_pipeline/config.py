@@ -150,7 +150,6 @@ class LoaderConfig(Strict):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     augment: AugmentPolicy = Field(default_factory=AugmentPolicy)
 
-
     @model_validator(mode="after")
     def _fused_is_cpu_only(self) -> "LoaderConfig":
         if self.augment_ops == "fused" and self.device == "gpu":
