@@ -26,15 +26,17 @@ import math
 import numpy as np
 from numba import njit
 
-from data_pipeline.augment import _RGB, _YIQ, blur_kernel
+from data_pipeline.augment import blur_kernel, yiq_hue_matrix
 from data_pipeline.config import LoaderConfig
 
 GREY_R, GREY_G, GREY_B = 0.2989, 0.587, 0.114  # torchvision's rgb_to_grayscale weights
 BIAS = 1 << 14  # keeps source coordinates positive, so that int() floors (images < 16k px)
 TOP = np.float32(255.0)
-# the hue turn in YIQ space: RGB -> YIQ, turn the (I, Q) plane, YIQ -> RGB
-(Y00, Y01, Y02), (Y10, Y11, Y12), (Y20, Y21, Y22) = _YIQ.tolist()
-(R00, R01, R02), (R10, R11, R12), (R20, R21, R22) = _RGB.tolist()
+# DALI's hue turn, yiq_hue_matrix(d), is linear in cos and sin of t = -d:
+# H = HUE_A + cos(t) HUE_B + sin(t) HUE_C, the three read off it at d = 0, 180 and -90.
+HUE_A = (yiq_hue_matrix(0) + yiq_hue_matrix(180)) / 2
+HUE_B = (yiq_hue_matrix(0) - yiq_hue_matrix(180)) / 2
+HUE_C = yiq_hue_matrix(-90) - HUE_A
 
 
 def make_kernel(mean, std, window: int):
@@ -112,17 +114,11 @@ def augment(out, img, p, norm, window):
             out[0, y, xo], out[1, y, xo], out[2, y, xo] = r, g, b
             xo += step
             grey_sum += GREY_R * r + GREY_G * g + GREY_B * b
-    # 2. contrast about the mean grey, saturation, hue: H = RGB<-YIQ . turn(I, Q) . YIQ<-RGB,
-    # always applied (the identity at 0 degrees)
+    # 2. contrast about the mean grey, saturation, hue (always applied: the identity at 0 degrees)
     con, sat = p[7], p[8]
     offset = (1.0 - con) * grey_sum / (h * w)
     t = math.radians(-p[9])
-    ct, st = math.cos(t), math.sin(t)
-    i0, i1, i2 = ct * Y10 - st * Y20, ct * Y11 - st * Y21, ct * Y12 - st * Y22
-    q0, q1, q2 = st * Y10 + ct * Y20, st * Y11 + ct * Y21, st * Y12 + ct * Y22
-    hue = (R00 * Y00 + R01 * i0 + R02 * q0, R00 * Y01 + R01 * i1 + R02 * q1, R00 * Y02 + R01 * i2 + R02 * q2,
-           R10 * Y00 + R11 * i0 + R12 * q0, R10 * Y01 + R11 * i1 + R12 * q1, R10 * Y02 + R11 * i2 + R12 * q2,
-           R20 * Y00 + R21 * i0 + R22 * q0, R20 * Y01 + R21 * i1 + R22 * q1, R20 * Y02 + R21 * i2 + R22 * q2)
+    hue = HUE_A + math.cos(t) * HUE_B + math.sin(t) * HUE_C
     blur = p[10] > 0
     # normalise in this pass, or after the blur
     colour(out.reshape(-1), h * w, con, sat, offset, hue, (0.0, 0.0, 0.0, 1.0, 1.0, 1.0) if blur else norm)
@@ -163,7 +159,9 @@ def colour(flat, n, con, sat, offset, hue, norm):
     """Contrast, saturation, hue turn and normalisation of each pixel of the planar image
     `flat`, each colour step clamped. A loop without branches, which the compiler
     vectorises; in a function of its own, because inlined into `augment` it ran ~5x slower."""
-    h00, h01, h02, h10, h11, h12, h20, h21, h22 = hue
+    h00, h01, h02 = hue[0, 0], hue[0, 1], hue[0, 2]
+    h10, h11, h12 = hue[1, 0], hue[1, 1], hue[1, 2]
+    h20, h21, h22 = hue[2, 0], hue[2, 1], hue[2, 2]
     n0, n1, n2, k0, k1, k2 = norm
     for k in range(n):
         r = clamp(con * flat[k] + offset)
