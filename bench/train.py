@@ -1,14 +1,19 @@
 """`agescale bench train`: the trainer's step time against a bare PyTorch loop.
 
-Same model, batch, synthetic data and thread count, in one run: the bare loop is forward,
-multi-task loss, backward, AdamW step; the trainer is `agescale train` with the synthetic
-backend (a real DeepSpeed engine, the loader, logging, the LR schedule). `ratio` = trainer
-step time / bare step time, `target` = 1.05. The first steps of each are warm-up, not timed.
+Same model, batch, synthetic data and thread count, in one process: the bare loop is forward,
+multi-task loss, backward, clipping and AdamW; the trainer is `agescale train` with the
+synthetic backend (a real DeepSpeed engine, the loader, logging, the LR schedule). Each is
+measured `rounds` times, interleaved (bare, trainer, bare, trainer, ...) so that drifting load
+on a shared machine hits both alike, and the medians are compared: `ratio` = trainer / bare
+(`target` 1.05). With `compiled`, two more rows: the bare loop and the trainer with
+`torch.compile`; `compiled_ratio` = compiled trainer / eager bare loop (what compiling buys
+end to end). The first steps of each measurement are warm-up (and compilation), not timed.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +22,7 @@ import torch
 
 from bench.common import machine
 from launch.config import load_config
+from launch.errors import UserError
 from trainer.losses import multitask_loss
 from trainer.models import create_model
 from trainer.schedule import make_optimizer
@@ -24,18 +30,19 @@ from trainer.schedule import make_optimizer
 WARMUP, LOG = 10, 10
 
 
-def _bare(cfg, steps: int) -> float:
+def _bare(cfg, steps: int, compiled: bool = False) -> float:
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)  # as the trainer does
     model = create_model(cfg.model, cfg.data.loader.image_size)
     opt = make_optimizer(model, cfg.train.optimizer)
+    forward = torch.compile(model) if compiled else model
     n, s = cfg.data.loader.batch_size, cfg.data.loader.image_size
     batch = {"image": torch.randn(n, 3, s, s), "age": torch.rand(n) * 90, "gender": torch.randint(0, 2, (n,)),
              "race": torch.randint(0, 5, (n,)), "valid": torch.ones(n, dtype=torch.bool)}
     for i in range(WARMUP + steps):
         if i == WARMUP:
             t = time.perf_counter()
-        loss = multitask_loss(model(batch["image"]), batch, model.method, cfg.model)["loss"]
+        loss = multitask_loss(forward(batch["image"]), batch, model.method, cfg.model)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -49,20 +56,38 @@ def _trainer(cfg, steps: int) -> float:
     train(cfg)
     lines = [json.loads(l) for l in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
     rates = [l["images_per_s"] for l in lines if l["phase"] == "train" and l["step"] > WARMUP]
-    return cfg.data.loader.batch_size / (sum(rates) / len(rates))
+    return cfg.data.loader.batch_size / statistics.median(rates)
 
 
-def run(image_size: int = 64, batch: int = 32, steps: int = 40) -> dict:
+def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3, compiled: bool = False) -> dict:
+    if rounds < 1 or steps < 1:
+        raise UserError(f"--rounds {rounds} / --steps {steps}: each must be at least 1")
     steps = max(LOG, steps // LOG * LOG)
+    rows = {"bare": [], "trainer": []} | ({"bare_compiled": [], "trainer_compiled": []} if compiled else {})
     with tempfile.TemporaryDirectory(prefix="agescale-bench-") as tmp:
-        cfg = load_config(None, [f"data.loader.backend=synthetic", f"data.loader.image_size={image_size}",
-                                 f"data.loader.batch_size={batch}", f"train.run_dir={tmp}/run",
-                                 f"train.max_steps={WARMUP + steps}", f"train.log_every_steps={LOG}",
-                                 "train.test_at_end=false", "train.ckpt_every_steps=100000",
-                                 "train.val_every_steps=100000", "train.optimizer.warmup_steps=0"])
-        bare = _bare(cfg, steps)
-        ours = _trainer(cfg, steps)
-    return {"benchmark": "train", "model": cfg.model.backbone, "method": cfg.model.method, "image_size": image_size,
-            "batch": batch, "steps_timed": steps, "threads": torch.get_num_threads(),
-            "bare_step_s": round(bare, 4), "trainer_step_s": round(ours, 4),
-            "ratio": round(ours / bare, 3), "target": 1.05, "meets_target": ours / bare <= 1.05, "machine": machine()}
+        def cfg_for(i: int, name: str, extra=()):
+            return load_config(None, [
+                "data.loader.backend=synthetic", f"data.loader.image_size={image_size}",
+                f"data.loader.batch_size={batch}", f"train.run_dir={tmp}/{name}-{i}",
+                f"train.max_steps={WARMUP + steps}", f"train.log_every_steps={LOG}", "train.test_at_end=false",
+                "train.calibrate=false", "train.ckpt_every_steps=100000", "train.val_every_steps=100000",
+                "train.optimizer.warmup_steps=0", *extra])
+        for i in range(rounds):
+            rows["bare"].append(_bare(cfg_for(i, "bare"), steps))
+            rows["trainer"].append(_trainer(cfg_for(i, "trainer"), steps))
+            if compiled:
+                rows["bare_compiled"].append(_bare(cfg_for(i, "bare_c"), steps, compiled=True))
+                rows["trainer_compiled"].append(_trainer(cfg_for(i, "trainer_c", ["train.compile=true"]), steps))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    cfg = cfg_for(0, "x")
+    out = {"benchmark": "train", "model": cfg.model.backbone, "method": cfg.model.method, "image_size": image_size,
+           "batch": batch, "steps_timed": steps, "rounds": rounds, "threads": torch.get_num_threads(),
+           "results": [{"row": k, "step_s": round(med[k], 4), "img_s": round(batch / med[k], 1),
+                        "rounds_step_s": [round(x, 4) for x in v]} for k, v in rows.items()],
+           "bare_step_s": round(med["bare"], 4), "trainer_step_s": round(med["trainer"], 4),
+           "ratio": round(med["trainer"] / med["bare"], 3), "target": 1.05,
+           "meets_target": med["trainer"] / med["bare"] <= 1.05}
+    if compiled:
+        out["compiled_ratio"] = round(med["trainer_compiled"] / med["bare"], 3)
+        out["compiled_vs_eager_trainer"] = round(med["trainer_compiled"] / med["trainer"], 3)
+    return out | {"machine": machine()}

@@ -130,6 +130,31 @@ class AugmentPolicy(Strict):
         })
 
 
+class ProgressiveResize(Strict):
+    """Training resolution by epoch (FFCV's progressive resizing): `start_size` up to
+    `epoch <= start_epoch`, then a linear ramp to the loader's `image_size` at `end_epoch`,
+    rounded down to a multiple of `multiple`. Evaluation always uses `image_size`. The size is
+    a function of the epoch alone, so a resumed run continues at the size its epoch asks for."""
+
+    start_size: int | None = Field(None, ge=16, le=1024, description="null = off (always image_size)")
+    start_epoch: int = Field(0, ge=0)
+    end_epoch: int = Field(1, ge=1)
+    multiple: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _ramp(self) -> "ProgressiveResize":
+        if self.end_epoch <= self.start_epoch:
+            raise ValueError(f"end_epoch {self.end_epoch} must exceed start_epoch {self.start_epoch}")
+        return self
+
+    def size_at(self, epoch: int, final: int) -> int:
+        if self.start_size is None:
+            return final
+        t = min(1.0, max(0.0, (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)))
+        size = self.start_size + t * (final - self.start_size)
+        return max(self.multiple, int(size) // self.multiple * self.multiple) if t < 1 else final
+
+
 class LoaderConfig(Strict):
     """How batches are produced. Every backend gives the same batch contract."""
 
@@ -149,6 +174,7 @@ class LoaderConfig(Strict):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     augment: AugmentPolicy = Field(default_factory=AugmentPolicy)
+    progressive: ProgressiveResize = Field(default_factory=ProgressiveResize)
 
     @model_validator(mode="after")
     def _fused_is_cpu_only(self) -> "LoaderConfig":

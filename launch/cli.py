@@ -97,10 +97,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.report import evaluate_runs
 
     out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}"
-    report = evaluate_runs(args.runs, args.data, out)
+    report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on)
     m = report["metrics"]
+    cov = next((v for k, v in m.items() if k.endswith("_coverage")), None)
     print(f"MAE {m['mae']:.2f}  CS@5 {m['cs@5']:.3f}  gender accuracy {m.get('gender_accuracy', float('nan')):.3f}"
-          f"  ({m['count']} images)")
+          + (f"  90% interval coverage {cov:.3f}" if cov is not None else "") + f"  ({m['count']} images)")
+    print(f"test-time augmentation: {report['tta']}; interval: {report['interval_calibration']['from']}")
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
     return 0
 
@@ -108,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
 
-    export_bundle(args.run, args.out)
+    export_bundle(args.run, args.out, tta=args.tta)
     print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json")
     return 0
 
@@ -201,7 +203,8 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.train import run
 
-    return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps), args.out)
+    return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps, rounds=args.rounds,
+                     compiled=args.compiled), args.out)
 
 
 def cmd_bench_predict(args: argparse.Namespace) -> int:
@@ -265,12 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory, best/model.safetensors or checkpoints/stepN; several = an ensemble")
     p.add_argument("--data", required=True, type=Path, help="SHARDS/<split>, e.g. runs/shards/utk/test")
     p.add_argument("--out", type=Path, help="report folder (default: RUN/eval-<split>)")
+    p.add_argument("--tta", choices=("none", "hflip"), help="test-time augmentation (default: the run's model.tta)")
+    p.add_argument("--calibrate-on", type=Path, metavar="SHARDS/SPLIT",
+                   help="fit the 90%% interval on this split first (default: the run's calibration.json; "
+                        "use it for ensembles)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="serving bundle: safetensors, ONNX, preprocessing, labels, model card",
                        description="Write a bundle that a serving system loads with ONNX Runtime alone.")
     p.add_argument("run", type=Path, metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--out", required=True, type=Path, help="bundle folder")
+    p.add_argument("--tta", choices=("none", "hflip"),
+                   help="flip test-time augmentation inside model.onnx (default: the run's model.tta)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="predict age, 90%% interval and gender from images with a bundle",
@@ -345,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=64)
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--steps", type=int, default=40, help="timed steps of each (after 10 warm-up steps)")
+    b.add_argument("--rounds", type=int, default=3, help="measurements of each, interleaved; medians compared")
+    b.add_argument("--compiled", action="store_true", help="also the torch.compile rows (compiles ~1 min each)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_train)
     b = bsub.add_parser("predict", help="ONNX Runtime vs torch eager images/s at batch 1 and 32",

@@ -44,8 +44,21 @@ class Predictor:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.names, self.session.run(None, {self.pre["input_name"]: batch})))
 
-    def interval(self, dist: np.ndarray) -> np.ndarray:
-        level = self.labels["interval"]["level"]
+    def interval(self, age: np.ndarray, dist: np.ndarray | None) -> np.ndarray | None:
+        """(N, 2) bounds by the bundle's rule (labels.json "interval"): calibrated prediction
+        ± q * max(std, std_floor), or the distribution's central interval."""
+        rule = self.labels.get("interval")
+        if rule is None:
+            return None
+        if rule.get("calibrated"):
+            std = np.ones(len(age))
+            if dist is not None:
+                mean = dist @ self.ages
+                std = np.sqrt(np.clip((dist * (self.ages[None] - mean[:, None]) ** 2).sum(1), 0, None))
+            half = rule["q"] * np.maximum(std, rule["std_floor"])
+            lo, hi = self.labels["min_age"], self.labels["max_age"]
+            return np.stack([np.clip(age - half, lo, hi), np.clip(age + half, lo, hi)], axis=1)
+        level = rule["level"]
         cdf = np.cumsum(dist, axis=1)
         lo = (cdf < (1 - level) / 2).sum(1).clip(max=len(self.ages) - 1)
         hi = (cdf < (1 + level) / 2).sum(1).clip(max=len(self.ages) - 1)
@@ -63,11 +76,11 @@ class Predictor:
                     results[p] = {"file": str(p), "error": f"not a readable image ({type(e).__name__}: {e})"}
             if arrays:
                 out = self.run(np.stack([a for _, a in arrays]))
-                intervals = self.interval(out["distribution"]) if "distribution" in out else None
+                intervals = self.interval(out["age"].astype(np.float64), out.get("distribution"))
                 for i, (p, _) in enumerate(arrays):
                     r = {"file": str(p), "age": round(float(out["age"][i]), 2)}
                     if intervals is not None:
-                        r["interval90"] = [float(intervals[i, 0]), float(intervals[i, 1])]
+                        r["interval90"] = [round(float(intervals[i, 0]), 2), round(float(intervals[i, 1]), 2)]
                     if "gender_prob" in out:
                         r["female_prob"] = round(float(out["gender_prob"][i]), 4)
                     results[p] = r

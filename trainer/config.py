@@ -15,6 +15,11 @@ class ModelConfig(Strict):
     backbone: str = Field("resnet18", description=f"a timm model name, e.g. {', '.join(BACKBONES)}")
     weights: str = Field("scratch", description="'scratch', a local .pth/.safetensors file, or 'hub' (downloads)")
     method: str = Field("dex", description="age method (see `agescale methods`)")
+    method_args: dict[str, float] = Field(default_factory=dict,
+                                          description="the method's options, e.g. {sigma: 3} for ldl, "
+                                          "{label_smoothing: 0.1} for dex")
+    tta: Literal["none", "hflip"] = Field("none", description="test-time augmentation in evaluate, export and "
+                                          "predict: hflip averages the image and its mirror")
     min_age: int = Field(0, ge=0)
     max_age: int = Field(100, ge=1, le=150)
     drop_rate: float = Field(0.0, ge=0, lt=1)
@@ -43,6 +48,12 @@ class ModelConfig(Strict):
             raise ValueError(f"max_age {self.max_age} must exceed min_age {self.min_age}")
         if self.gender_conditioned_age and not self.gender_head:
             raise ValueError("gender_conditioned_age needs gender_head: true")
+        from trainer.methods import create_method
+
+        try:
+            create_method(self.method, min_age=self.min_age, max_age=self.max_age, **self.method_args)
+        except Exception as e:  # UserError from the method: name it here, at load time
+            raise ValueError(str(e)) from None
         return self
 
 
@@ -72,3 +83,11 @@ class TrainConfig(Strict):
     deterministic: bool = Field(True, description="deterministic torch algorithms (exact resume on CPU)")
     test_at_end: bool = Field(True, description="evaluate the best checkpoint on the test split at the end")
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged over the generated one")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="exponential moving average of the weights "
+                                    "(timm ModelEmaV3, warm-up on); validation, best/ and export use it; null = off")
+    channels_last: bool = Field(False, description="NHWC memory format for the model and its inputs")
+    compile: bool = Field(False, description="torch.compile (inductor) the model for training and evaluation; "
+                          "falls back to eager, with the reason logged, where it cannot compile")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = torch's default")
+    calibrate: bool = Field(True, description="after training, fit the 90 % interval on the validation split "
+                            "(split conformal); evaluate, export and predict use it")

@@ -50,6 +50,8 @@ def init(env: DistEnv, device: str) -> None:
 
 def all_true(flag: bool) -> bool:
     """True when the flag is set on any rank (so all ranks act together, e.g. on SIGTERM)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag  # nothing to agree on: skip the per-step collective
     t = torch.tensor([1.0 if flag else 0.0])
     if dist.is_initialized():
         if dist.get_backend() == "nccl":

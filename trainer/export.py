@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from launch.config import resolved
+from trainer import calibration
 from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES
+from trainer.models import Ensemble
 
 INTERVAL = 0.9
 LICENSE = ("Trained on UTKFace (non-commercial research only; the images' copyright belongs to their owners). "
@@ -25,22 +27,16 @@ LICENSE = ("Trained on UTKFace (non-commercial research only; the images' copyri
 
 
 class ServingModel(nn.Module):
-    """The model with its decoding rule folded in: image → age, distribution (if any), P(female)."""
+    """The model with its decoding rule (and flip test-time augmentation, when on) folded in:
+    image → age, distribution (if any), P(female)."""
 
-    def __init__(self, model):
+    def __init__(self, model, hflip: bool = False):
         super().__init__()
-        self.model, self.method = model, model.method
+        self.predictor = Ensemble([model], hflip=hflip)
 
     def forward(self, image: torch.Tensor):
-        out = self.model(image)
-        age_out = out["age"].float()
-        outputs = [self.method.predict(age_out)]
-        dist = self.method.distribution(age_out)
-        if dist is not None:
-            outputs.append(dist)
-        if "gender" in out:
-            outputs.append(torch.sigmoid(out["gender"].float()))
-        return tuple(outputs)
+        res = self.predictor(image)
+        return tuple(res[k] for k in ("age", "distribution", "gender_prob") if k in res)
 
 
 def output_names(model) -> list[str]:
@@ -52,9 +48,9 @@ def output_names(model) -> list[str]:
     return names
 
 
-def write_onnx(model, image_size: int, path: Path) -> list[str]:
+def write_onnx(model, image_size: int, path: Path, hflip: bool = False) -> list[str]:
     """The model with its decoding rule as ONNX (dynamic batch); returns the output names."""
-    serving, names = ServingModel(model).eval(), output_names(model)
+    serving, names = ServingModel(model, hflip).eval(), output_names(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(serving, (torch.randn(2, 3, image_size, image_size),), str(path),
@@ -64,19 +60,37 @@ def write_onnx(model, image_size: int, path: Path) -> list[str]:
     return names
 
 
-def export_bundle(path: Path, out: Path) -> dict:
+def _interval_rule(rule: dict | None, has_distribution: bool) -> dict | None:
+    """How predict reads the 90 % interval: the run's conformal calibration when it has one,
+    else the distribution's central interval (uncalibrated), else none."""
+    if rule is not None:
+        return {"level": rule["level"], "calibrated": True, "method": rule["method"], "q": rule["q"],
+                "std_floor": rule["std_floor"], "fitted_on": rule.get("split", "val"), "n": rule["n"],
+                "rule": rule["rule"]}
+    if not has_distribution:
+        return None
+    return {"level": INTERVAL, "calibrated": False, "rule": "central interval of `distribution`: the first ages at "
+            "which the cumulative probability reaches (1-level)/2 and (1+level)/2 (not calibrated: the run has "
+            "no calibration.json)"}
+
+
+def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
     cfg, model, weights = load_trained(path)
     run = run_dir_of(path)
+    tta = cfg.model.tta if tta is None else tta
+    rule = calibration.load(run)
     out.mkdir(parents=True, exist_ok=True)
     lc, size = cfg.data.loader, cfg.data.loader.image_size
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"))
-    names = write_onnx(model, size, out / "model.onnx")
+    names = write_onnx(model, size, out / "model.onnx", hflip=tta == "hflip")
     (out / "preprocess.json").write_text(json.dumps({
         "input_name": "image", "input_size": size, "layout": "NCHW", "dtype": "float32", "channel_order": "RGB",
         "exif_orientation": True,
         "resize": {"shorter_side": round(size / lc.eval_crop_pct), "interpolation": "bilinear", "antialias": True},
         "center_crop": [size, size], "scale": 1 / 255, "mean": list(lc.mean), "std": list(lc.std),
+        "tta": {"mode": tta, "where": "inside model.onnx (one pass of the graph averages the image and its "
+                "mirror)" if tta == "hflip" else "none"},
     }, indent=1) + "\n")
     m = model.method
     (out / "labels.json").write_text(json.dumps({
@@ -85,9 +99,7 @@ def export_bundle(path: Path, out: Path) -> dict:
                     "distribution": "probabilities over the integer ages min_age..max_age (N, K)",
                     "gender_prob": "probability that the face is female (N,); 0 = male, 1 = female"},
         "output_names": names,
-        "interval": {"level": INTERVAL, "rule": "central interval of `distribution`: the first ages at which the "
-                     "cumulative probability reaches (1-level)/2 and (1+level)/2; absent for methods without a "
-                     "distribution"} if "distribution" in names else None,
+        "interval": _interval_rule(rule, "distribution" in names),
         "age_group_edges": list(DEFAULT_EDGES),
     }, indent=1) + "\n")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}

@@ -2,7 +2,8 @@
 
 MAE, RMSE, CS@k (share within k years), gender accuracy, age-group accuracy and the average
 absolute group difference, MAE per race and per gender with the spread (max - min) between
-groups, and for methods with a distribution the central 90 % interval's coverage and width.
+groups, and the 90 % interval's coverage and width: the calibrated interval when a calibration
+rule is given (trainer/calibration.py, any method), else the distribution's central interval.
 `reduce()` all-reduces the sums (never a mean of means), so two ranks give the single-process
 result.
 """
@@ -13,13 +14,16 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.records import GENDERS, RACES
+from trainer import calibration
 
 DEFAULT_EDGES = tuple(range(0, 101, 10))  # groups 0-9, ..., 90-99, 100+
 
 
 class AgeMetrics:
-    def __init__(self, cs_k: float = 5.0, group_edges: tuple[int, ...] = DEFAULT_EDGES, interval: float = 0.9):
-        self.cs_k, self.interval = cs_k, interval
+    def __init__(self, cs_k: float = 5.0, group_edges: tuple[int, ...] = DEFAULT_EDGES, interval: float = 0.9,
+                 calibration: dict | None = None):
+        self.cs_k, self.calibration = cs_k, calibration
+        self.interval = calibration["level"] if calibration else interval
         self.edges = torch.tensor(group_edges, dtype=torch.float64)
         g = len(group_edges)
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
@@ -59,12 +63,18 @@ class AgeMetrics:
             known = g >= 0
             s["gender_n"] += known.sum()
             s["gender_ok"] += ((p[known] >= 0.5).long() == g[known]).sum()
-        if distribution is not None:
+        lo = hi = None
+        if self.calibration is not None and ages is not None:
+            d = None if distribution is None else distribution.detach()[keep.to(distribution.device)]
+            scale = calibration.spread(d, ages, len(pred))
+            lo, hi = calibration.bounds(pred, scale, self.calibration, float(ages[0]), float(ages[-1]))
+        elif distribution is not None:
             cdf = distribution.detach().double().cpu()[keep].cumsum(1)
             grid = ages.double().cpu()
             tail = (1 - self.interval) / 2
             lo = grid[(cdf < tail).sum(1).clamp(max=len(grid) - 1)]
             hi = grid[(cdf < 1 - tail).sum(1).clamp(max=len(grid) - 1)]
+        if lo is not None:
             s["dist_n"] += len(age)
             s["covered"] += ((age >= lo) & (age <= hi)).sum()
             s["width"] += (hi - lo).sum()

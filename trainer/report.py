@@ -13,15 +13,18 @@ import torch
 
 from data_pipeline.loaders import create_loader
 from launch.errors import UserError
-from trainer.load import load_trained
+from data_pipeline.records import RACES
+from trainer import calibration
+from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES, AgeMetrics
 from trainer.models import Ensemble
 
 
-def _collect(models, loader) -> dict[str, np.ndarray]:
-    ens = Ensemble(models)
-    cols: dict[str, list] = {"pred": [], "age": [], "gender": [], "race": [], "female_prob": [], "lo": [], "hi": []}
-    metrics = AgeMetrics()
+def _collect(models, loader, hflip: bool = False, rule: dict | None = None) -> dict[str, np.ndarray]:
+    ens = Ensemble(models, hflip=hflip)
+    cols: dict[str, list] = {"pred": [], "age": [], "gender": [], "race": [], "female_prob": [], "lo": [], "hi": [],
+                             "scale": []}
+    metrics = AgeMetrics(calibration=rule)
     keys, images = [], []
     for batch in loader:
         keep = batch["valid"]
@@ -33,8 +36,14 @@ def _collect(models, loader) -> dict[str, np.ndarray]:
             cols[k].append(batch[k][keep].numpy())
         if "gender_prob" in res:
             cols["female_prob"].append(res["gender_prob"][keep].numpy())
-        if "distribution" in res:
-            cdf = res["distribution"][keep].cumsum(1)
+        dist = res["distribution"][keep] if "distribution" in res else None
+        scale = calibration.spread(dist, ens.ages, int(keep.sum()))
+        cols["scale"].append(scale.numpy())
+        if rule is not None:
+            lo, hi = calibration.bounds(res["age"][keep], scale, rule, ens.min_age, ens.max_age)
+            cols["lo"].append(lo.numpy()), cols["hi"].append(hi.numpy())
+        elif dist is not None:
+            cdf = dist.cumsum(1)
             grid = ens.ages
             cols["lo"].append(grid[(cdf < 0.05).sum(1).clamp(max=len(grid) - 1)].numpy())
             cols["hi"].append(grid[(cdf < 0.95).sum(1).clamp(max=len(grid) - 1)].numpy())
@@ -45,6 +54,26 @@ def _collect(models, loader) -> dict[str, np.ndarray]:
     out = {k: np.concatenate(v) for k, v in cols.items() if v}
     out["metrics"], out["keys"], out["samples"] = metrics.compute(), keys, torch.stack(images)
     return out
+
+
+def race_by_age_bin(data: dict, edges=DEFAULT_EDGES) -> dict:
+    """MAE per race inside each age bin (race groups differ in age mix, so the overall spread
+    between races mixes the two); per bin also the spread (max - min) over races with >= 5
+    faces. {bin: {"count": n, "mae": {race: mae}, "spread": s}}."""
+    edges = np.array(edges)
+    names = [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    bins = np.searchsorted(edges[1:], data["age"], side="right")
+    err = np.abs(data["pred"] - data["age"])
+    table = {}
+    for b, name in enumerate(names):
+        in_bin = bins == b
+        if not in_bin.any():
+            continue
+        per = {RACES[r]: round(float(err[in_bin & (data["race"] == r)].mean()), 3)
+               for r in RACES if (in_bin & (data["race"] == r)).sum() >= 5}
+        table[name] = {"count": int(in_bin.sum()), "mae": per,
+                       "spread": round(max(per.values()) - min(per.values()), 3) if len(per) > 1 else None}
+    return table
 
 
 def _saliency(model, images: torch.Tensor) -> torch.Tensor:
@@ -136,21 +165,47 @@ def _plots(data: dict, model, mean, std, out: Path) -> list[str]:
     return made
 
 
-def evaluate_runs(paths: list[Path], data: Path, out: Path) -> dict:
+def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = None,
+                  calibrate_on: Path | None = None) -> dict:
+    """Metrics, per-race-in-age-bin table and plots of one model or an ensemble on `data`.
+
+    Test-time augmentation: `tta`, else the first run's `model.tta`. The 90 % interval: fitted on
+    `calibrate_on` (a split of the same shards) when given, else one model's stored
+    `calibration.json` when it was fitted with the same TTA, else the distribution's own
+    (uncalibrated) central interval."""
     loaded = [load_trained(p) for p in paths]
     cfg = loaded[0][0]
+    tta = tta or cfg.model.tta
     split, shards = data.name, data.parent
     if not (shards / "manifest.json").exists():
         raise UserError(f"--data {data}: expected SHARDS/<split>, e.g. runs/shards/utk/test")
     cfg.data.loader.shards = str(shards)
+    models = [m for _, m, _ in loaded]
+    rule, rule_from = None, "none (the distribution's central interval, uncalibrated)"
+    if calibrate_on is not None:
+        if not (calibrate_on.parent / "manifest.json").exists():
+            raise UserError(f"--calibrate-on {calibrate_on}: expected SHARDS/<split>, e.g. runs/shards/utk/val")
+        cal_cfg = cfg.model_copy(deep=True)
+        cal_cfg.data.loader.shards = str(calibrate_on.parent)
+        cal = _collect(models, create_loader(cal_cfg.data, calibrate_on.name, train=False), tta == "hflip")
+        rule = calibration.fit(torch.from_numpy(cal["pred"]), torch.from_numpy(cal["age"]),
+                               torch.from_numpy(cal["scale"]))
+        rule_from = f"fitted on {calibrate_on} ({rule['n']} faces)"
+    elif len(loaded) == 1:
+        stored = calibration.load(run_dir_of(paths[0]))
+        if stored is not None and stored.get("tta", "none") == tta:
+            rule, rule_from = stored, f"the run's calibration.json (fitted on its {stored.get('split', 'val')} split)"
     loader = create_loader(cfg.data, split, train=False)
-    result = _collect([m for _, m, _ in loaded], loader)
+    result = _collect(models, loader, tta == "hflip", rule)
     metrics = result["metrics"]
+    metrics["mae_by_race_in_age_bin"] = race_by_age_bin(result)
     plots = _plots(result, loaded[0][1], cfg.data.loader.mean, cfg.data.loader.std, out / "plots")
-    report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "metrics": metrics, "plots": plots}
+    report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "tta": tta,
+              "interval_calibration": {"from": rule_from, **(rule or {})}, "metrics": metrics, "plots": plots}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# agescale evaluation: {data}", "", f"Models: {', '.join(report['models'])}", "",
+             f"Test-time augmentation: {tta}. 90 % interval: {rule_from}.", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in metrics.items() if not isinstance(v, dict)]
@@ -159,6 +214,14 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path) -> dict:
             lines += ["", f"MAE by {group} (spread {metrics[f'mae_spread_{group}']:.2f}):", "",
                       f"| {group} | MAE |", "| --- | --- |"]
             lines += [f"| {k} | {v:.2f} |" for k, v in metrics[f"mae_by_{group}"].items()]
+    table = metrics["mae_by_race_in_age_bin"]
+    races = [r for r in RACES.values() if any(r in row["mae"] for row in table.values())]
+    lines += ["", "MAE by race within each age bin (races with >= 5 faces in the bin):", "",
+              f"| age bin | faces | {' | '.join(races)} | spread |", "| --- " * (len(races) + 3) + "|"]
+    for b, row in table.items():
+        cells = [f"{row['mae'][r]:.2f}" if r in row["mae"] else "" for r in races]
+        spread = "" if row["spread"] is None else f"{row['spread']:.2f}"
+        lines.append(f"| {b} | {row['count']} | {' | '.join(cells)} | {spread} |")
     lines += ["", *[f"![{p}](plots/{p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
     return report

@@ -37,6 +37,18 @@ class Loader:
     def num_samples(self) -> int:
         return len(self.index)
 
+    @property
+    def image_size(self) -> int:
+        """The size this epoch's batches have: the progressive schedule's when training."""
+        if not self.train:
+            return self.cfg.image_size
+        return self.cfg.progressive.size_at(self.epoch, self.cfg.image_size)
+
+    def sized_cfg(self) -> LoaderConfig:
+        """The loader config at this epoch's image size (what the backends build from)."""
+        size = self.image_size
+        return self.cfg if size == self.cfg.image_size else self.cfg.model_copy(update={"image_size": size})
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.offset = epoch, 0
 

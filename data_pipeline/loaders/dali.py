@@ -32,12 +32,14 @@ class DaliLoader(Loader):
         if self.cfg.device == "gpu" and not torch.cuda.is_available():
             from launch.errors import UserError
             raise UserError("data.loader.device=gpu but no CUDA device is visible; use data.loader.device=cpu")
-        self._pipe = None
+        self._pipe, self._pipe_size = None, None
 
     def _build(self):
         from nvidia.dali import Pipeline, fn, types
 
         gpu = self.cfg.device == "gpu"
+        cfg = self.sized_cfg()
+        self._pipe_size = cfg.image_size
         # Default: one thread more than cores. DALI's CPU executor leaves cores idle between
         # operators and while this thread feeds it; cores + 1 threads measured +25-35 % img/s
         # with 2 cores (cores + 2 gave nothing more). An explicit `workers` is taken as is.
@@ -48,7 +50,7 @@ class DaliLoader(Loader):
         with pipe:
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, batch=True)
             params = fn.external_source(name="params", dtype=types.FLOAT, batch=True) if self.train else None
-            pipe.set_outputs(dali_images(jpegs, params, self.cfg, self.train, self.cfg.device))
+            pipe.set_outputs(dali_images(jpegs, params, cfg, self.train, self.cfg.device))
         pipe.build()
         return pipe
 
@@ -96,7 +98,7 @@ class DaliLoader(Loader):
         return bad
 
     def _images(self, plan):
-        if self._pipe is None:
+        if self._pipe is None or self._pipe_size != self.image_size:  # a new progressive-resize size
             self._pipe = self._build()
         pending = deque()  # (batch index, replacements) fed and scheduled, not yet collected
         nxt = 0

@@ -25,7 +25,7 @@ class SyntheticLoader(Loader):
         return [f"synthetic-{i}" for i in idx]
 
     def _images(self, plan):
-        s = self.cfg.image_size
+        s = self.image_size
         gen = torch.Generator().manual_seed(self.cfg.seed)
         images = torch.randn(plan.batches.shape[1] if len(plan.batches) else 0, 3, s, s, generator=gen)
         for _ in plan.batches:

@@ -21,13 +21,14 @@ from data_pipeline.reader import DataError, batch_error
 
 
 class _DecodeBatch(Dataset):
-    """Turns one dealt batch (indices, parameters or None) into (images, bad positions, errors)."""
+    """Turns one dealt batch (indices, parameters or None, image size) into (images, bad positions, errors)."""
 
     def __init__(self, index, cfg, train: bool):
         self.index, self.cfg, self.train = index, cfg, train
 
-    def __getitem__(self, item: tuple[np.ndarray, np.ndarray | None]):
-        idx, params = item
+    def __getitem__(self, item: tuple[np.ndarray, np.ndarray | None, int]):
+        idx, params, size = item
+        cfg = self.cfg if size == self.cfg.image_size else self.cfg.model_copy(update={"image_size": size})
         images, bad, errors = {}, [], []
         for pos, i in enumerate(idx):
             try:
@@ -36,7 +37,7 @@ class _DecodeBatch(Dataset):
                 bad.append(pos)
                 errors.append(str(e))
                 continue
-            images[pos] = torch_image(pil, None if params is None else params[pos], self.cfg, self.train)
+            images[pos] = torch_image(pil, None if params is None else params[pos], cfg, self.train)
         if not images:
             return None, bad, errors
         stand_in = next(iter(images.values()))  # keeps shapes fixed; the position is marked invalid
@@ -79,7 +80,7 @@ class TorchLoader(Loader):
         if len(plan.batches) == 0:
             return
         dl = self._loader()
-        self._dealer.items = [(b, self._params(b)) for b in plan.batches]
+        self._dealer.items = [(b, self._params(b), self.image_size) for b in plan.batches]
         for images, bad, errors in dl:
             if errors and (self.cfg.on_bad_sample == "error" or images is None):
                 raise batch_error(errors)

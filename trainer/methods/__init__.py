@@ -22,9 +22,19 @@ class AgeMethod:
     name = ""
     summary = ""
 
-    def __init__(self, min_age: int = 0, max_age: int = 100):
+    def __init__(self, min_age: int = 0, max_age: int = 100, **options: float):
         if not 0 <= min_age < max_age:
             raise UserError(f"age range [{min_age}, {max_age}] is empty")
+        # `model.method_args`: each key overrides one of the method's numeric class attributes
+        # (LDL's sigma, DEX's label_smoothing, mean-variance's lambdas, ...).
+        for key, value in options.items():
+            default = getattr(type(self), key, None)
+            if key.startswith("_") or not isinstance(default, (int, float)) or isinstance(default, bool):
+                known = [k for k in dir(type(self)) if not k.startswith("_")
+                         and isinstance(getattr(type(self), k), (int, float)) and not isinstance(getattr(type(self), k), bool)]
+                raise UserError(f"model.method_args.{key}: not an option of method {self.name!r} "
+                                f"(its options: {', '.join(known) or 'none'})")
+            setattr(self, key, type(default)(value))
         self.min_age, self.max_age = min_age, max_age
         self.num_ages = max_age - min_age + 1
         self.ages = torch.arange(min_age, max_age + 1, dtype=torch.float32)

@@ -10,6 +10,7 @@ from trainer.methods import AgeMethod, register_method
 @register_method
 class Dex(AgeMethod):
     name, summary = "dex", "classification over ages, softmax expectation (DEX)"
+    label_smoothing = 0.0
 
     def loss(self, out, age):
-        return {"loss": F.cross_entropy(out.float(), self.age_index(age))}
+        return {"loss": F.cross_entropy(out.float(), self.age_index(age), label_smoothing=self.label_smoothing)}

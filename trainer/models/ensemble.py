@@ -1,5 +1,7 @@
-"""Several trained models combined: age distributions (or ages, for methods without one) and
-gender probabilities are averaged."""
+"""Several trained models, and optionally each image's mirror, combined: each member's
+decoded age, its age distribution (when every member has one) and its gender probability are
+averaged over members and views. One model with `hflip=True` is flip test-time augmentation;
+`torch.onnx` exports the same module, so evaluate, export and predict compute one thing."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from trainer.models.model import AgeModel
 
 
 class Ensemble(nn.Module):
-    def __init__(self, models: list[AgeModel]):
+    def __init__(self, models: list[AgeModel], hflip: bool = False):
         super().__init__()
         if not models:
             raise ValueError("an ensemble needs at least one model")
@@ -19,25 +21,28 @@ class Ensemble(nn.Module):
             raise ValueError(f"ensemble members use different age ranges: {sorted(ranges)}")
         self.members = nn.ModuleList(models)
         self.ages = models[0].method.ages
+        self.min_age, self.max_age = models[0].method.min_age, models[0].method.max_age
+        self.hflip = hflip
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"age": (N,), "distribution": (N, K) or absent, "gender_prob": (N,) or absent}."""
+        views = (x, x.flip(3)) if self.hflip else (x,)
         dists, ages, genders = [], [], []
         for m in self.members:
-            out = m(x)
-            d = m.method.distribution(out["age"])
-            (dists if d is not None else ages).append(d if d is not None else m.method.predict(out["age"]))
-            if "gender" in out:
-                genders.append(torch.sigmoid(out["gender"]))
-        result = {}
-        if dists and not ages:
-            dist = torch.stack(dists).mean(0)
-            result["distribution"] = dist
-            result["age"] = dist @ self.ages.to(dist)
-        else:  # a regression member has no distribution: average the predicted ages
-            all_ages = ages + [d @ self.ages.to(d) for d in dists]
-            result["age"] = torch.stack(all_ages).mean(0)
+            for v in views:
+                out = m(v)
+                age_out = out["age"].float()
+                ages.append(m.method.predict(age_out))
+                dists.append(m.method.distribution(age_out))
+                if "gender" in out:
+                    genders.append(torch.sigmoid(out["gender"].float()))
+        result = {"age": torch.stack(ages).mean(0)}
+        if all(d is not None for d in dists):
+            result["distribution"] = torch.stack(dists).mean(0)
         if genders:
             result["gender_prob"] = torch.stack(genders).mean(0)
         return result
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self(x)

@@ -34,7 +34,8 @@ class AgeModel(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
         self.cfg = cfg
-        self.method: AgeMethod = create_method(cfg.method, min_age=cfg.min_age, max_age=cfg.max_age)
+        self.method: AgeMethod = create_method(cfg.method, min_age=cfg.min_age, max_age=cfg.max_age,
+                                                   **cfg.method_args)
         self.backbone = create_backbone(cfg.backbone, image_size, cfg.weights, cfg.drop_rate)
         features = self.backbone.num_features
         self.attention = AttentionPool(features) if cfg.attention else None

@@ -1,0 +1,200 @@
+"""The accuracy and speed levers: interval calibration, flip TTA, EMA, torch.compile,
+channels_last, progressive resizing and method options, each by its outcome."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLE, run_cli
+from data_pipeline.config import DataConfig, ProgressiveResize
+from data_pipeline.loaders import create_loader
+from launch.config import load_config
+from test_train import CONFIG, small, summary
+from trainer import calibration
+from trainer.config import ModelConfig
+from trainer.evaluate import _batches
+from trainer.export import write_onnx
+from trainer.load import load_trained
+from trainer.models import Ensemble, create_model
+
+
+@pytest.fixture(scope="module")
+def ema_run(utk_shards, tmp_path_factory):
+    """A short real run with EMA and flip TTA on: calibrated at the end, tested with both."""
+    run = tmp_path_factory.mktemp("ema") / "run"
+    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.ema_decay": 0.9, "model.tta": "hflip"}), check=True)
+    return run
+
+
+def _predictions(run, shards, split):
+    cfg, model, _ = load_trained(run)
+    cfg.data.loader.shards = str(shards)
+    loader = create_loader(cfg.data, split, train=False)
+    pred, age, scale = [], [], []
+    for batch, res, predictor in _batches(model, loader, torch.device("cpu"), "none"):
+        keep = batch["valid"]
+        pred.append(res["age"][keep].double()), age.append(batch["age"][keep].double())
+        scale.append(calibration.spread(res["distribution"][keep], predictor.ages, int(keep.sum())))
+    return torch.cat(pred), torch.cat(age), torch.cat(scale)
+
+
+def test_conformal_interval_covers_90_percent_of_held_out_real_faces(ema_run, utk_shards):
+    # Real predictions of a trained model on 1,200 real faces (val + test); fit on one half,
+    # check on the other.
+    parts = [_predictions(ema_run, utk_shards, s) for s in ("val", "test")]
+    pred, age, scale = (torch.cat([p[i] for p in parts]) for i in range(3))
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(pred), generator=gen)
+    fit_idx, hold = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    rule = calibration.fit(pred[fit_idx], age[fit_idx], scale[fit_idx], level=0.9)
+    lo, hi = calibration.bounds(pred[hold], scale[hold], rule, 0, 100)
+    covered = ((age[hold] >= lo) & (age[hold] <= hi)).double().mean().item()
+    assert abs(covered - 0.90) <= 0.03, covered
+    # The uncalibrated central interval of the same model is far off 0.90 for this short run.
+    assert rule["q"] > 0 and rule["n"] == len(fit_idx)
+
+
+def test_training_calibrates_and_the_bundle_and_predict_use_it(ema_run, utk_shards, tmp_path):
+    rule = json.loads((ema_run / calibration.CALIBRATION).read_text())
+    s = summary(ema_run)
+    assert rule["split"] == "val" and rule["tta"] == "hflip" and rule["n"] == 601 and s["calibration"] == rule
+    assert 0.80 <= s["test"]["interval90_coverage"] <= 0.97          # 599 test faces, fitted on 601 val faces
+    out = tmp_path / "bundle"
+    run_cli("export", ema_run, "--out", out, check=True)
+    labels = json.loads((out / "labels.json").read_text())
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert labels["interval"]["calibrated"] and labels["interval"]["q"] == rule["q"]
+    assert pre["tta"]["mode"] == "hflip" and "inside model.onnx" in pre["tta"]["where"]
+    img = sorted(SAMPLE.glob("*.jpg"))[0]
+    r = run_cli("predict", out, img, "--json", check=True)
+    res = json.loads(r.stdout.splitlines()[0])
+    lo, hi = res["interval90"]
+    assert lo < res["age"] < hi and (hi - lo) / 2 >= rule["q"] * rule["std_floor"] - 0.02
+    # evaluate uses the stored calibration (same TTA) and reports where it came from
+    r = run_cli("evaluate", ema_run, "--data", utk_shards / "test", "--out", tmp_path / "ev", check=True)
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["tta"] == "hflip" and "calibration.json" in report["interval_calibration"]["from"]
+    assert report["metrics"]["mae"] == pytest.approx(s["test"]["mae"], abs=1e-4)
+    assert report["metrics"]["interval90_coverage"] == pytest.approx(s["test"]["interval90_coverage"], abs=1e-6)
+    assert set(report["metrics"]["mae_by_race_in_age_bin"]) >= {"20-29", "30-39"}
+    assert "MAE by race within each age bin" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_ema_weights_are_validated_saved_and_resumed(ema_run, utk_shards, tmp_path):
+    best = load_file(str(ema_run / "best" / "model.safetensors"))
+    step = json.loads((ema_run / "best" / "metrics.json").read_text())["step"]
+    raw = torch.load(ema_run / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt",
+                     map_location="cpu", weights_only=False)
+    # best/ holds the EMA weights of that step, not the optimizer's raw weights
+    key = "age.weight"
+    assert torch.equal(best[key], raw["ema"][key].float())
+    assert not torch.allclose(best[key], raw["module"][key].float())
+    # and resuming restores the EMA: a run stopped at step 8 and resumed ends equal
+    cut = tmp_path / "cut"
+    args = small(utk_shards, cut, **{"train.ema_decay": 0.9, "model.tta": "hflip"})
+    run_cli("train", CONFIG, *[a for a in args if not a.startswith("train.max_steps")], "train.max_steps=12",
+            "train.test_at_end=false", check=True)
+    # rewind to the step-8 checkpoint and continue from there
+    (cut / "checkpoints" / "LATEST").write_text("step00000008\n")
+    for p in (cut / "summary.json", cut / "best" / "metrics.json"):
+        p.unlink()
+    run_cli("train", CONFIG, *args, "--resume", check=True)
+    a, b = summary(ema_run), summary(cut)
+    assert a["param_checksums"] == b["param_checksums"] and a["test"]["mae"] == pytest.approx(b["test"]["mae"])
+
+
+def test_flip_tta_is_the_mean_of_the_two_passes_in_torch_and_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method="ldl"), 32).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        one, mirrored = Ensemble([model])(x), Ensemble([model])(x.flip(3))
+        both = Ensemble([model], hflip=True)(x)
+    for k in ("age", "distribution", "gender_prob"):
+        assert torch.allclose(both[k], (one[k] + mirrored[k]) / 2, atol=1e-6)
+    assert not torch.allclose(one["age"], mirrored["age"])               # the mirror is really another pass
+    names = write_onnx(model, 32, tmp_path / "m.onnx", hflip=True)
+    outs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})
+    for name, got in zip(names, outs):
+        np.testing.assert_allclose(got, both[name].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager_and_trains_under_deepspeed(utk_shards, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method="dex"), 32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model)(x)
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], atol=1e-4, rtol=1e-4)
+    run = tmp_path / "run"
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.compile": "true", "train.max_steps": 8,
+                                                            "train.val_every_steps": 8}), "train.channels_last=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "falling back to eager" not in r.stderr
+    s = summary(run)
+    assert s["steps"] == 8 and np.isfinite(s["test"]["mae"]) and s["test"]["mae"] < 60
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.compile": "true", "train.max_steps": 10,
+                                                            "train.val_every_steps": 8}), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert summary(run)["steps"] == 10
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method="dex"), 32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a = model(x)["age"]
+        b = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))["age"]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_progressive_size_schedule():
+    p = ProgressiveResize(start_size=40, start_epoch=1, end_epoch=5, multiple=8)
+    assert [p.size_at(e, 64) for e in range(7)] == [40, 40, 40, 48, 56, 64, 64]
+    assert ProgressiveResize().size_at(3, 64) == 64                     # off: always the final size
+    with pytest.raises(ValueError, match="end_epoch"):
+        ProgressiveResize(start_size=40, start_epoch=3, end_epoch=3)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_progressive_resize_loader_sizes_and_resume_mid_schedule(utk_shards, backend):
+    cfg = DataConfig.model_validate({"loader": {
+        "shards": str(utk_shards), "backend": backend, "batch_size": 400, "image_size": 48, "workers": 1,
+        "progressive": {"start_size": 32, "start_epoch": 0, "end_epoch": 2, "multiple": 8}}})
+    loader = create_loader(cfg, "train")
+    sizes = []
+    for _ in range(3):
+        sizes.append({tuple(b["image"].shape[-2:]) for b in loader})
+    assert sizes == [{(32, 32)}, {(40, 40)}, {(48, 48)}]
+    # stop in the middle of epoch 1 (size 40), restore in a new loader: it continues at 40
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    fresh = create_loader(cfg, "train")
+    fresh.load_state_dict(state)
+    rest = list(fresh)
+    assert rest and {tuple(b["image"].shape[-2:]) for b in rest} == {(40, 40)} and fresh.epoch == 2
+    assert create_loader(cfg, "val", train=False).image_size == 48      # evaluation: always the final size
+
+
+def test_method_args_reach_the_method_and_bad_ones_are_named():
+    cfg = load_config(CONFIG, ["model.method=ldl", "model.method_args={sigma: 3.5}"])
+    assert create_model(cfg.model, 32).method.sigma == 3.5
+    cfg = load_config(CONFIG, ["model.method=dex", "model.method_args={label_smoothing: 0.1}"])
+    m = create_model(cfg.model, 32).method
+    out, age = torch.zeros(2, m.out_features), torch.tensor([10.0, 20.0])
+    assert m.label_smoothing == 0.1 and m.loss(out, age)["loss"].item() == pytest.approx(np.log(101), abs=1e-4)
+    from launch.errors import UserError
+    with pytest.raises(UserError, match=r"model.method_args.sigmaa: not an option of method 'ldl'.*sigma"):
+        load_config(CONFIG, ["model.method=ldl", "model.method_args={sigmaa: 3}"])
