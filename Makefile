@@ -26,7 +26,7 @@ demo: venv
 	$(VENV)/bin/agescale predict runs/demo/bundle data/sample/utkface/26_1_0_20170103180946896.jpg.chip.jpg
 
 # The full-data protocol: all 20,023 shared UTKFace images (utkface/ + utkface_extra/), split
-# train/val/test 0.9/0.05/0.05 with seed 0 (~20 s on 2 cores). Recipes and sweeps train on it.
+# train/val/test 0.9/0.05/0.05 with seed 0 (~6 s on 2 cores). Recipes and sweeps train on it.
 SHARED ?= ../shared/data
 shards-full: venv
 	rm -rf runs/shards/utk_full

@@ -99,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}"
     report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on)
     m = report["metrics"]
-    cov = next((v for k, v in m.items() if k.endswith("_coverage")), None)
+    cov = m.get("interval90_coverage")
     print(f"MAE {m['mae']:.2f}  CS@5 {m['cs@5']:.3f}  gender accuracy {m.get('gender_accuracy', float('nan')):.3f}"
           + (f"  90% interval coverage {cov:.3f}" if cov is not None else "") + f"  ({m['count']} images)")
     print(f"test-time augmentation: {report['tta']}; interval: {report['interval_calibration']['from']}")
@@ -222,6 +222,17 @@ def _emit(result: dict, out: Path | None) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the one-line error and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agescale", description="Facial age estimation: data, training, serving.")
     parser.add_argument("--version", action="version", version=f"agescale {__version__}")
@@ -288,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per ONNX Runtime call")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over losses, augmentation and optimizer settings",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from data_pipeline.config import DataConfig, Strict
 from launch.errors import UserError
@@ -23,6 +23,13 @@ class Config(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Config":
+        if self.data.loader.progressive.start_size is not None and self.model.backbone.startswith("swin"):
+            raise ValueError(f"data.loader.progressive.start_size with model.backbone={self.model.backbone}: Swin is "
+                             "built for one input size; progressive resizing needs a convolutional backbone")
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

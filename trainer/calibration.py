@@ -31,7 +31,7 @@ RULE = ("prediction ± q * max(std, std_floor), clipped to [min_age, max_age]; s
 def spread(distribution: torch.Tensor | None, ages: torch.Tensor, n: int) -> torch.Tensor:
     """Per face, the scale the interval grows with: the distribution's std, floored (or ones)."""
     if distribution is None:
-        return torch.ones(n, dtype=torch.float64)
+        return torch.full((n,), max(1.0, STD_FLOOR), dtype=torch.float64)
     p, a = distribution.double(), ages.double().to(distribution.device)
     mean = p @ a
     std = ((p * (a[None] - mean[:, None]) ** 2).sum(1)).clamp_min(0).sqrt()
@@ -42,9 +42,11 @@ def fit(pred: torch.Tensor, age: torch.Tensor, scale: torch.Tensor, level: float
     """The conformal quantile q of |age - pred| / scale at `level` (finite-sample corrected)."""
     scores = ((age.double() - pred.double()).abs() / scale.double()).sort().values
     n = len(scores)
-    if n == 0:
-        raise ValueError("no validation faces to calibrate on")
-    k = min(n, math.ceil((n + 1) * level))
+    k = math.ceil((n + 1) * level)
+    if k > n:
+        from launch.errors import UserError
+        raise UserError(f"interval calibration needs at least {math.ceil(level / (1 - level))} validation faces "
+                        f"for a {level:.0%} interval, got {n}; use a larger val split or train.calibrate=false")
     return {"method": "split_conformal", "level": level, "q": float(scores[k - 1]), "std_floor": STD_FLOOR,
             "n": n, "rule": RULE}
 
@@ -56,6 +58,14 @@ def bounds(pred: torch.Tensor, scale: torch.Tensor, cal: dict, min_age: float, m
 
 def save(cal: dict, run_dir: Path) -> None:
     (run_dir / CALIBRATION).write_text(json.dumps(cal, indent=1) + "\n")
+
+
+def applies(rule: dict | None, weights: Path, run_dir: Path, tta: str) -> dict | None:
+    """The stored rule if it was fitted for these weights (the run's best model, which the
+    trainer calibrates) and this TTA; None otherwise (a checkpoint's raw weights, another TTA)."""
+    if rule is None or rule.get("tta", "none") != tta:
+        return None
+    return rule if Path(weights).resolve() == (run_dir / "best" / "model.safetensors").resolve() else None
 
 
 def load(run_dir: Path) -> dict | None:

@@ -85,9 +85,14 @@ class TrainConfig(Strict):
     deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON merged over the generated one")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="exponential moving average of the weights "
                                     "(timm ModelEmaV3, warm-up on); validation, best/ and export use it; null = off")
+    ema_val_raw: bool = Field(False, description="with EMA: also validate the raw weights (logged as val_raw; "
+                              "an EMA A/B inside one run)")
     channels_last: bool = Field(False, description="NHWC memory format for the model and its inputs")
-    compile: bool = Field(False, description="torch.compile (inductor) the model for training and evaluation; "
-                          "falls back to eager, with the reason logged, where it cannot compile")
+    compile: bool = Field(False, description="torch.compile (inductor) the trained model (its training steps and, "
+                          "without EMA, its validation); falls back to eager, with the reason logged, where it "
+                          "cannot compile")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = torch's default")
+    max_nonfinite_steps: int = Field(20, ge=1, description="stop with an error after this many consecutive "
+                                     "micro-batches whose loss is inf or nan (they are skipped, not applied)")
     calibrate: bool = Field(True, description="after training, fit the 90 % interval on the validation split "
                             "(split conformal); evaluate, export and predict use it")

@@ -78,7 +78,7 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
     cfg, model, weights = load_trained(path)
     run = run_dir_of(path)
     tta = cfg.model.tta if tta is None else tta
-    rule = calibration.load(run)
+    rule = calibration.applies(calibration.load(run), weights, run, tta)
     out.mkdir(parents=True, exist_ok=True)
     lc, size = cfg.data.loader, cfg.data.loader.image_size
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},

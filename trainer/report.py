@@ -181,7 +181,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
         raise UserError(f"--data {data}: expected SHARDS/<split>, e.g. runs/shards/utk/test")
     cfg.data.loader.shards = str(shards)
     models = [m for _, m, _ in loaded]
-    rule, rule_from = None, "none (the distribution's central interval, uncalibrated)"
+    rule, rule_from = None, "not calibrated (the distribution's central interval, if the method has one)"
     if calibrate_on is not None:
         if not (calibrate_on.parent / "manifest.json").exists():
             raise UserError(f"--calibrate-on {calibrate_on}: expected SHARDS/<split>, e.g. runs/shards/utk/val")
@@ -192,8 +192,9 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
                                torch.from_numpy(cal["scale"]))
         rule_from = f"fitted on {calibrate_on} ({rule['n']} faces)"
     elif len(loaded) == 1:
-        stored = calibration.load(run_dir_of(paths[0]))
-        if stored is not None and stored.get("tta", "none") == tta:
+        run = run_dir_of(paths[0])
+        stored = calibration.applies(calibration.load(run), loaded[0][2], run, tta)
+        if stored is not None:
             rule, rule_from = stored, f"the run's calibration.json (fitted on its {stored.get('split', 'val')} split)"
     loader = create_loader(cfg.data, split, train=False)
     result = _collect(models, loader, tta == "hflip", rule)
@@ -216,12 +217,13 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
             lines += [f"| {k} | {v:.2f} |" for k, v in metrics[f"mae_by_{group}"].items()]
     table = metrics["mae_by_race_in_age_bin"]
     races = [r for r in RACES.values() if any(r in row["mae"] for row in table.values())]
-    lines += ["", "MAE by race within each age bin (races with >= 5 faces in the bin):", "",
-              f"| age bin | faces | {' | '.join(races)} | spread |", "| --- " * (len(races) + 3) + "|"]
-    for b, row in table.items():
-        cells = [f"{row['mae'][r]:.2f}" if r in row["mae"] else "" for r in races]
-        spread = "" if row["spread"] is None else f"{row['spread']:.2f}"
-        lines.append(f"| {b} | {row['count']} | {' | '.join(cells)} | {spread} |")
+    if races:  # datasets without race labels (APPA-REAL, IMDB-WIKI) have none
+        lines += ["", "MAE by race within each age bin (races with >= 5 faces in the bin):", "",
+                  f"| age bin | faces | {' | '.join(races)} | spread |", "| --- " * (len(races) + 3) + "|"]
+        for b, row in table.items():
+            cells = [f"{row['mae'][r]:.2f}" if r in row["mae"] else "" for r in races]
+            spread = "" if row["spread"] is None else f"{row['spread']:.2f}"
+            lines.append(f"| {b} | {row['count']} | {' | '.join(cells)} | {spread} |")
     lines += ["", *[f"![{p}](plots/{p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
     return report

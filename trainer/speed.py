@@ -50,4 +50,6 @@ def make_ema(module: torch.nn.Module, decay: float | None):
         return None
     from timm.utils import ModelEmaV3
 
-    return ModelEmaV3(module, decay=decay, use_warmup=True, warmup_power=3 / 4)
+    # float32 whatever the training precision: a bf16 EMA at decay 0.999 loses most updates,
+    # and timm's bf16 path draws stochastic rounding from an RNG that checkpoints do not hold.
+    return ModelEmaV3(module, decay=decay, use_warmup=True, warmup_power=3 / 4, dtype=torch.float32)

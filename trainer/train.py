@@ -108,12 +108,12 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         model=model, optimizer=optimizer, lr_scheduler=make_schedule(optimizer, tc.optimizer, total_steps),
         config=ds_config)
     method = model.method
-    if world == 1 and tc.zero_stage == 0:
+    if world == 1 and engine.zero_optimization_stage() == 0:
         # One rank has no gradients to average, but DeepSpeed still flattens, all-reduces and
         # copies back every gradient (~16 ms of a 135 ms step on 2 cores, `bench train`).
         engine.enable_backward_allreduce = False
     if tc.channels_last:
-        to_channels_last(engine, tc.zero_stage)
+        to_channels_last(engine, engine.zero_optimization_stage())
     ema = make_ema(engine.module, tc.ema_decay)
     if tc.compile:
         compile_engine(engine)
@@ -163,6 +163,9 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         val_rounds += 1
         metrics = evaluate(eval_model, method, val_loader, device, channels_last=tc.channels_last)
         log.scalars("val", step, metrics)
+        if ema is not None and tc.ema_val_raw:  # the raw weights too: an EMA A/B inside one run
+            raw = evaluate(engine.module, method, val_loader, device, channels_last=tc.channels_last)
+            log.scalars("val_raw", step, {k: v for k, v in raw.items() if isinstance(v, float)})
         if metrics.get("mae", float("inf")) < best_mae:
             best_mae = metrics["mae"]
             log.save_best(eval_model, metrics, step)
@@ -173,7 +176,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
                      tag_dir if rank == 0 else None)
 
     engine.train()
-    stopped = False
+    stopped, nonfinite = False, 0
     t0, seen = time.perf_counter(), 0
     while step < total_steps and not stopped:
         epoch = train_loader.epoch
@@ -183,6 +186,19 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             out = engine(as_input(batch["image"]))
             labels = {k: batch[k].to(device) for k in ("age", "gender", "race", "valid")}
             parts = multitask_loss(out, labels, method, cfg.model)
+            # Every rank skips a micro-batch whose loss is inf/nan on any rank (so none waits in a
+            # collective); a streak of them stops the run before a diverged model is saved.
+            if all_true(not bool(torch.isfinite(parts["loss"]))):
+                nonfinite += 1
+                if nonfinite >= tc.max_nonfinite_steps:
+                    kept = checkpoint.latest(ckpt_root)
+                    raise UserError(
+                        f"training diverged: the loss was inf/nan for {nonfinite} consecutive batches after step "
+                        f"{step} (train.max_nonfinite_steps={tc.max_nonfinite_steps}); none was applied; last "
+                        f"checkpoint kept: {ckpt_root / kept if kept else 'none'}; lower train.optimizer.lr or "
+                        "check the loss weights")
+                continue
+            nonfinite = 0
             engine.backward(parts["loss"])
             engine.step()
             seen += len(batch["key"]) * world
@@ -217,6 +233,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     rule = None
     if tc.calibrate or tc.test_at_end:
         log.load_best(eval_model)
+    if not tc.calibrate and rank == 0:
+        (run_dir / calibration.CALIBRATION).unlink(missing_ok=True)  # never an earlier run's rule
     if tc.calibrate:
         rule = fit_interval(eval_model, val_loader, device, cfg.model.tta, channels_last=tc.channels_last)
         rule["split"], rule["tta"] = "val", cfg.model.tta
