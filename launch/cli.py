@@ -77,11 +77,40 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a run writes into its run directory: --overwrite removes these and nothing else (the
+# demo keeps its shards under runs/demo/shards).
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "calibration.json", "preempted.json",
+             "tensorboard", "checkpoints", "best")
+
+
+def _guard_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A run directory that holds an earlier run is never trained into by accident (its best/,
+    config and checkpoints would be overwritten or mixed): --resume continues it, --overwrite
+    clears the run's files first, anything else is refused."""
+    import shutil
+
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pick one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"train.run_dir={run_dir}: is a file, not a directory")
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise UserError(f"train.run_dir={run_dir} already holds a run ({', '.join(found)}): continue it with "
+                        "--resume, clear it with --overwrite, or choose another train.run_dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # the other ranks meet rank 0 in a collective before writing
+        for name in found:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.config import load_config
     from trainer.train import train
 
     cfg = load_config(args.config, args.overrides)
+    _guard_run_dir(Path(cfg.train.run_dir), args.resume, args.overwrite)
     summary = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         test = summary.get("test", {})
@@ -270,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML run config, e.g. configs/experiments/utkface_cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. train.epochs=3")
     p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/LATEST if present")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run_dir holds an earlier run: delete its files (config, metrics, checkpoints, best/, ...) "
+                        "and start afresh (without this or --resume, such a run_dir is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluation report (metrics, plots) of a run, a checkpoint or an ensemble",

@@ -45,7 +45,8 @@ def fit(pred: torch.Tensor, age: torch.Tensor, scale: torch.Tensor, level: float
     k = math.ceil((n + 1) * level)
     if k > n:
         from launch.errors import UserError
-        raise UserError(f"interval calibration needs at least {math.ceil(level / (1 - level))} validation faces "
+        need = next(m for m in range(1, 10 ** 7) if math.ceil((m + 1) * level) <= m)
+        raise UserError(f"interval calibration needs at least {need} validation faces "
                         f"for a {level:.0%} interval, got {n}; use a larger val split or train.calibrate=false")
     return {"method": "split_conformal", "level": level, "q": float(scores[k - 1]), "std_floor": STD_FLOOR,
             "n": n, "rule": RULE}

@@ -1,9 +1,11 @@
 """Checkpoints: DeepSpeed's own format per tag, made atomic by a pointer file.
 
 DeepSpeed writes `checkpoints/<tag>/`; only after every rank has finished does rank 0 write
-`<tag>/agescale.json` (world size, ZeRO stage, step) and point `checkpoints/LATEST` at the tag
-(a temporary file, renamed), so a crash during a save leaves the previous checkpoint as the
-latest. Older tags beyond `keep` are removed after.
+`<tag>/agescale.json` (world size, ZeRO stage, step, and every file's size and sha256) and
+point `checkpoints/LATEST` at the tag (a temporary file, renamed), so a crash during a save
+leaves the previous checkpoint as the latest. Older tags beyond `keep` are removed after. A
+resume takes the newest checkpoint whose files all match their sizes and checksums, whatever
+`LATEST` says, and says why it skipped newer ones (`resumable`).
 
 World-size changes: ZeRO-1/2 partition the optimizer state by data-parallel rank, and
 DeepSpeed refuses to load such a checkpoint at another world size. For that case rank 0
@@ -16,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
 POINTER = "LATEST"
+TAG = re.compile(r"step\d{8}")
 
 
 def _barrier() -> None:
@@ -32,15 +37,71 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def latest(ckpt_root: Path) -> str | None:
-    pointer = ckpt_root / POINTER
-    if not pointer.exists():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (ckpt_root / tag).is_dir() else None
-
-
 META = "agescale.json"
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(tag_dir: Path) -> dict[str, dict]:
+    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+            for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META}
+
+
+def damage(ckpt_root: Path, tag: str) -> str | None:
+    """Why `tag` cannot be resumed from (a missing, truncated or altered file), or None when
+    every file matches the sizes and sha256 written at save time."""
+    tag_dir = ckpt_root / tag
+    try:
+        info = json.loads((tag_dir / META).read_text())
+    except (OSError, ValueError) as e:
+        return f"{tag_dir / META}: missing or unreadable ({type(e).__name__}), so the save never finished"
+    for name, want in info.get("files", {}).items():  # checkpoints from before checksums: no list
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path}: {size} bytes, {want['bytes']} when saved (truncated or altered)"
+        if _digest(path) != want["sha256"]:
+            return f"{path}: sha256 differs from the one written at save time"
+    return None
+
+
+def resumable(ckpt_root: Path) -> tuple[str | None, list[str]]:
+    """The newest intact checkpoint and, for the user, why newer candidates were skipped.
+    `LATEST` names the preferred tag; when it is unreadable, dangling or names a damaged
+    checkpoint, every `step*` folder is tried from the newest step down."""
+    notes, tried = [], set()
+    pointer = ckpt_root / POINTER
+    candidates = []
+    if pointer.exists():
+        text = pointer.read_text(errors="replace").strip()
+        if TAG.fullmatch(text) and (ckpt_root / text).is_dir():
+            candidates.append(text)
+        else:
+            notes.append(f"{pointer}: names {text[:40]!r}, which is no checkpoint here")
+    candidates += sorted((p.name for p in ckpt_root.glob("step*") if p.is_dir() and TAG.fullmatch(p.name)),
+                         reverse=True)
+    for tag in candidates:
+        if tag in tried:
+            continue
+        tried.add(tag)
+        why = damage(ckpt_root, tag)
+        if why is None:
+            return tag, notes
+        notes.append(f"skipped {tag}: {why}")
+    return None, notes
+
+
+def latest(ckpt_root: Path) -> str | None:
+    """The checkpoint a resume continues from: the newest intact one (see `resumable`)."""
+    return resumable(ckpt_root)[0]
 UNIVERSAL = "universal"
 
 
@@ -83,9 +144,11 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if rank == 0:
-        (ckpt_root / tag / META).write_text(json.dumps({
+        tmp = ckpt_root / tag / (META + ".tmp")  # written last, with every file's size and sha256
+        tmp.write_text(json.dumps({
             "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "zero_stage": engine.zero_optimization_stage()}) + "\n")
+            "zero_stage": engine.zero_optimization_stage(), "files": _files(ckpt_root / tag)}) + "\n")
+        os.replace(tmp, ckpt_root / tag / META)
         set_latest(ckpt_root, tag)
         tags = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir())
         for old in tags[:-keep]:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -94,9 +95,14 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
                         f"train.grad_accum={tc.grad_accum}: lower data.loader.batch_size")
     total_steps = tc.max_steps or tc.epochs * steps_per_epoch
 
-    tag = checkpoint.latest(ckpt_root) if resume else None
-    if resume and tag is None and rank == 0:
-        print(f"agescale: no checkpoint in {ckpt_root}; starting from scratch")
+    tag, notes = checkpoint.resumable(ckpt_root) if resume else (None, [])
+    if rank == 0:
+        for note in notes:
+            print(f"agescale: resume: {note}", file=sys.stderr)
+        if resume and tag is None:
+            print(f"agescale: no intact checkpoint in {ckpt_root}; starting from scratch")
+        elif tag and notes:
+            print(f"agescale: resuming from {ckpt_root / tag}, the newest intact checkpoint", file=sys.stderr)
     ds_config, load_root = deepspeed_config(tc, cfg.data.loader.batch_size), ckpt_root
     if tag and checkpoint.needs_universal(checkpoint.meta(ckpt_root, tag), world, tc.zero_stage):
         load_root = checkpoint.to_universal(ckpt_root, tag, rank)
