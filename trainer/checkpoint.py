@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,8 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+
+from data_pipeline.shard import sha256_file
 
 POINTER = "LATEST"
 TAG = re.compile(r"step\d{8}")
@@ -40,16 +41,8 @@ def _barrier() -> None:
 META = "agescale.json"
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(tag_dir: Path) -> dict[str, dict]:
-    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != META}
 
 
@@ -68,7 +61,7 @@ def damage(ckpt_root: Path, tag: str) -> str | None:
         size = path.stat().st_size
         if size != want["bytes"]:
             return f"{path}: {size} bytes, {want['bytes']} when saved (truncated or altered)"
-        if _digest(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             return f"{path}: sha256 differs from the one written at save time"
     return None
 
