@@ -78,8 +78,8 @@ def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3,
             if compiled:
                 rows["bare_compiled"].append(_bare(cfg_for(i, "bare_c"), steps, compiled=True))
                 rows["trainer_compiled"].append(_trainer(cfg_for(i, "trainer_c", ["train.compile=true"]), steps))
+        cfg = cfg_for(0, "x")  # the model and method the rows measured
     med = {k: statistics.median(v) for k, v in rows.items()}
-    cfg = cfg_for(0, "x")
     out = {"benchmark": "train", "model": cfg.model.backbone, "method": cfg.model.method, "image_size": image_size,
            "batch": batch, "steps_timed": steps, "rounds": rounds, "threads": torch.get_num_threads(),
            "results": [{"row": k, "step_s": round(med[k], 4), "img_s": round(batch / med[k], 1),

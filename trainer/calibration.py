@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from launch.errors import UserError
+
 CALIBRATION = "calibration.json"
 STD_FLOOR = 1.0  # years: keeps a near one-hot distribution from giving a zero-width interval
 RULE = ("prediction ± q * max(std, std_floor), clipped to [min_age, max_age]; std = the standard deviation of "
@@ -44,7 +46,6 @@ def fit(pred: torch.Tensor, age: torch.Tensor, scale: torch.Tensor, level: float
     n = len(scores)
     k = math.ceil((n + 1) * level)
     if k > n:
-        from launch.errors import UserError
         need = next(m for m in range(1, 10 ** 7) if math.ceil((m + 1) * level) <= m)
         raise UserError(f"interval calibration needs at least {need} validation faces "
                         f"for a {level:.0%} interval, got {n}; use a larger val split or train.calibrate=false")
@@ -55,6 +56,21 @@ def fit(pred: torch.Tensor, age: torch.Tensor, scale: torch.Tensor, level: float
 def bounds(pred: torch.Tensor, scale: torch.Tensor, cal: dict, min_age: float, max_age: float):
     half = cal["q"] * scale.double()
     return (pred.double() - half).clamp(min_age, max_age), (pred.double() + half).clamp(min_age, max_age)
+
+
+def interval(pred: torch.Tensor, distribution: torch.Tensor | None, ages: torch.Tensor, rule: dict | None,
+             level: float = 0.9):
+    """(lo, hi) per face in float64 on the CPU: the calibrated rule when given, else the
+    distribution's central `level` interval, else None (no distribution, no rule)."""
+    if rule is not None:
+        scale = spread(distribution, ages, len(pred))
+        return bounds(pred.cpu(), scale, rule, float(ages[0]), float(ages[-1]))
+    if distribution is None:
+        return None
+    cdf, grid = distribution.double().cpu().cumsum(1), ages.double().cpu()
+    tail = (1 - level) / 2
+    last = len(grid) - 1
+    return grid[(cdf < tail).sum(1).clamp(max=last)], grid[(cdf < 1 - tail).sum(1).clamp(max=last)]
 
 
 def save(cal: dict, run_dir: Path) -> None:
@@ -77,6 +93,5 @@ def load(run_dir: Path) -> dict | None:
         cal = json.loads(path.read_text())
         float(cal["q"]), float(cal["level"])
     except (ValueError, KeyError, TypeError) as e:
-        from launch.errors import UserError
         raise UserError(f"{path}: not a calibration file ({type(e).__name__}: {e})") from None
     return cal

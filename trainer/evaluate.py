@@ -26,7 +26,7 @@ def _batches(model, loader, device: torch.device, tta: str, channels_last: bool 
         model.train(was_training)
 
 
-def evaluate(model, method, loader, device: torch.device, tta: str = "none", calibration_rule: dict | None = None,
+def evaluate(model, loader, device: torch.device, tta: str = "none", calibration_rule: dict | None = None,
              channels_last: bool = False) -> dict:
     metrics = AgeMetrics(calibration=calibration_rule)
     for batch, res, predictor in _batches(model, loader, device, tta, channels_last):

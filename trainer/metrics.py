@@ -63,18 +63,10 @@ class AgeMetrics:
             known = g >= 0
             s["gender_n"] += known.sum()
             s["gender_ok"] += ((p[known] >= 0.5).long() == g[known]).sum()
-        lo = hi = None
-        if self.calibration is not None and ages is not None:
-            d = None if distribution is None else distribution.detach()[keep.to(distribution.device)]
-            scale = calibration.spread(d, ages, len(pred))
-            lo, hi = calibration.bounds(pred, scale, self.calibration, float(ages[0]), float(ages[-1]))
-        elif distribution is not None:
-            cdf = distribution.detach().double().cpu()[keep].cumsum(1)
-            grid = ages.double().cpu()
-            tail = (1 - self.interval) / 2
-            lo = grid[(cdf < tail).sum(1).clamp(max=len(grid) - 1)]
-            hi = grid[(cdf < 1 - tail).sum(1).clamp(max=len(grid) - 1)]
-        if lo is not None:
+        d = None if distribution is None else distribution.detach()[keep.to(distribution.device)]
+        bounds = calibration.interval(pred, d, ages, self.calibration, self.interval) if ages is not None else None
+        if bounds is not None:
+            lo, hi = bounds
             s["dist_n"] += len(age)
             s["covered"] += ((age >= lo) & (age <= hi)).sum()
             s["width"] += (hi - lo).sum()

@@ -39,14 +39,9 @@ def _collect(models, loader, hflip: bool = False, rule: dict | None = None) -> d
         dist = res["distribution"][keep] if "distribution" in res else None
         scale = calibration.spread(dist, ens.ages, int(keep.sum()))
         cols["scale"].append(scale.numpy())
-        if rule is not None:
-            lo, hi = calibration.bounds(res["age"][keep], scale, rule, ens.min_age, ens.max_age)
-            cols["lo"].append(lo.numpy()), cols["hi"].append(hi.numpy())
-        elif dist is not None:
-            cdf = dist.cumsum(1)
-            grid = ens.ages
-            cols["lo"].append(grid[(cdf < 0.05).sum(1).clamp(max=len(grid) - 1)].numpy())
-            cols["hi"].append(grid[(cdf < 0.95).sum(1).clamp(max=len(grid) - 1)].numpy())
+        bounds = calibration.interval(res["age"][keep], dist, ens.ages, rule)
+        if bounds is not None:
+            cols["lo"].append(bounds[0].numpy()), cols["hi"].append(bounds[1].numpy())
         if len(images) < 8:
             images += [img for img, v in zip(batch["image"], keep) if v][: 8 - len(images)]
         keys += [k for k, v in zip(batch["key"], keep.tolist()) if v]

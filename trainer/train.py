@@ -167,10 +167,10 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             return
         validated_at = step
         val_rounds += 1
-        metrics = evaluate(eval_model, method, val_loader, device, channels_last=tc.channels_last)
+        metrics = evaluate(eval_model, val_loader, device, channels_last=tc.channels_last)
         log.scalars("val", step, metrics)
         if ema is not None and tc.ema_val_raw:  # the raw weights too: an EMA A/B inside one run
-            raw = evaluate(engine.module, method, val_loader, device, channels_last=tc.channels_last)
+            raw = evaluate(engine.module, val_loader, device, channels_last=tc.channels_last)
             log.scalars("val_raw", step, {k: v for k, v in raw.items() if isinstance(v, float)})
         if metrics.get("mae", float("inf")) < best_mae:
             best_mae = metrics["mae"]
@@ -249,7 +249,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         summary["calibration"] = rule
     if tc.test_at_end:
         test_loader = create_loader(cfg.data, "test", rank, world, train=False)
-        summary["test"] = evaluate(eval_model, method, test_loader, device, cfg.model.tta, rule,
+        summary["test"] = evaluate(eval_model, test_loader, device, cfg.model.tta, rule,
                                    channels_last=tc.channels_last)
         log.scalars("test", step, summary["test"])
     log.finish(summary)
