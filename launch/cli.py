@@ -13,6 +13,7 @@ from pathlib import Path
 
 from launch import __version__
 from launch.errors import UserError
+from launch.paths import out_dir, out_file
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()):
@@ -98,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.report import evaluate_runs
 
-    out = args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}"
+    out = out_dir(args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}")
     report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on)
     m = report["metrics"]
     cov = m.get("interval90_coverage")
@@ -112,7 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
 
-    export_bundle(args.run, args.out, tta=args.tta)
+    export_bundle(args.run, out_dir(args.out), tta=args.tta)
     print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json")
     return 0
 
@@ -150,7 +151,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         if not args.spec or not args.out:
             raise UserError("give a sweep SPEC and --out DIR (or --resume DIR)")
-        out, result = args.out, run_sweep(args.spec, args.out, args.overrides)
+        out, result = args.out, run_sweep(args.spec, out_dir(args.out), args.overrides)
     keys = list(result["best_params"] or {})
     print(f"{'trial':<13} {'status':<10} {'best MAE':>8} {'epochs':>6}  " + "  ".join(keys))
     for r in result["trials"]:
@@ -170,7 +171,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
                    nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                    partition=args.partition, max_restarts=args.max_restarts, max_requeues=args.max_requeues,
                    signal_lead=args.signal_lead, job_name=args.job_name)
-    script, run_dir = write(spec, args.out)
+    script, run_dir = write(spec, args.out and out_file(args.out))
     print(f"wrote {script} (run directory {run_dir}, logs in {run_dir / 'slurm'})")
     if args.submit:
         job = submit(script)
@@ -219,6 +220,7 @@ def _emit(result: dict, out: Path | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if out:
+        out_file(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
     return 0
@@ -394,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
     try:
+        if args.func.__name__.startswith("cmd_bench") and args.out:
+            out_file(args.out)  # before the benchmark runs, not after
         return args.func(args)
     except UserError as e:
         print(f"agescale: error: {e}", file=sys.stderr)

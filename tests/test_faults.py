@@ -98,3 +98,118 @@ def test_resume_takes_the_newest_intact_checkpoint_and_says_why(utk_shards, tmp_
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_deletes_only_its_own_checkpoints_and_metrics_read_as_one_run(utk_shards, tmp_path):
+    import json
+    import shutil
+
+    from test_train import small
+
+    run = tmp_path / "run"
+    run_cli("train", CONFIG, *small(utk_shards, run), check=True)            # step 8 and 12 kept
+    ckpts = run / "checkpoints"
+    foreign = ckpts / "step00000002"                                         # another run's checkpoint
+    shutil.copytree(ckpts / "step00000008", foreign)
+    meta = json.loads((foreign / "agescale.json").read_text())
+    (foreign / "agescale.json").write_text(json.dumps({**meta, "run_id": "another-run"}))
+    foreign_before = _tree(foreign)
+    _truncate(ckpts / "step00000012" / "mp_rank_00_model_states.pt")
+    damaged_before = _tree(ckpts / "step00000012")
+    first_rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "summary.json").unlink()
+
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 20}), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "set aside" in r.stderr and "moved to" in r.stderr
+    assert _tree(foreign) == foreign_before                                  # not this run's: untouched
+    assert _tree(ckpts / "set_aside" / "step00000012") == damaged_before      # moved aside, not deleted
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002", "step00000016", "step00000020"]
+
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    for phase in ("train", "val"):
+        steps = [row["step"] for row in rows if row["phase"] == phase]
+        assert steps == sorted(set(steps)), phase                             # no step twice
+    assert [row["step"] for row in rows if row["phase"] == "val"] == [4, 8, 12, 16, 20]
+    assert sum(row["phase"] == "test" for row in rows) == 1
+    moved = (run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert moved == [l for l in first_rows if json.loads(l)["step"] > 8]      # the re-run rows, kept aside
+    assert len(moved) > 0
+
+
+def test_resume_with_another_architecture_names_what_differs(utk_shards, tmp_path):
+    from test_train import small
+
+    run = tmp_path / "run"
+    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 4}), check=True)
+    before = _tree(run)
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8, "model.backbone": "resnet34"}),
+                "--resume")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = [l for l in r.stderr.splitlines() if l.startswith("agescale: error:")]
+    assert len(line) == 1 and "step00000004" in line[0] and "model.backbone: 'resnet18' -> 'resnet34'" in line[0]
+    assert _tree(run) == before                                              # nothing written or moved
+    # A change that keeps every tensor's shape (dropout) resumes.
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8, "model.drop_rate": 0.1}),
+                "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_skipped_samples_are_counted_per_epoch_in_metrics_and_summary(shared_utkface, tmp_path):
+    import json
+    import shutil
+
+    from data_pipeline.reader import ShardIndex
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in sorted(shared_utkface.glob("*.jpg"))[:120]:
+        shutil.copy(f, src)
+    shards = tmp_path / "shards"
+    run_cli("shard", "--dataset", "utkface", "--src", src, "--out", shards, check=True)
+    index = ShardIndex(shards, "train")
+    ref = index.samples[3]
+    tar = index.shards[ref.shard]
+    data = bytearray(tar.read_bytes())
+    off, size = ref.image
+    data[off + 2:off + size] = bytes(size - 2)                                # undecodable, same size
+    tar.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    args = [f"data.loader.shards={shards}", "data.loader.image_size=32", "data.loader.batch_size=16",
+            f"train.run_dir={run}", "train.epochs=2", "train.log_every_steps=2", "train.optimizer.warmup_steps=1"]
+    r = run_cli("train", CONFIG, *args)
+    assert r.returncode == 2 and ref.key in r.stderr                          # default: named and stopped
+    r = run_cli("train", CONFIG, *args, "data.loader.on_bad_sample=skip", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    data_rows = [(row["epoch"], row["skipped_samples"], row["skipped_total"]) for row in rows if row["phase"] == "data"]
+    assert data_rows == [(0, 1, 1), (1, 1, 2)]
+    assert json.loads((run / "summary.json").read_text())["skipped_samples"] == 2
+    assert "1 undecodable samples skipped" in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "tune", "slurm", "bench"])
+@pytest.mark.parametrize("where", ["is_file", "under_file"])
+def test_every_out_that_is_a_file_or_under_one_is_refused_up_front(command, where, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    out = blocker if where == "is_file" else blocker / "sub"
+    if command == "slurm":                                                   # --out is a script file there
+        out = (tmp_path if where == "is_file" else blocker / "job.sbatch")
+    args = {"evaluate": ["evaluate", tmp_path / "no_run", "--data", tmp_path / "no_shards" / "test", "--out", out],
+            "export": ["export", tmp_path / "no_run", "--out", out],
+            "tune": ["tune", REPO / "configs" / "tune" / "demo.yaml", "--out", out],
+            "slurm": ["slurm", CONFIG, "--out", out],
+            "bench": ["bench", "predict", tmp_path / "no_bundle", "--out", out / "x.json" if where == "under_file"
+                      else blocker]}[command]
+    if command == "bench" and where == "is_file":
+        args[-1] = tmp_path                                                  # a directory where a file goes
+    r = run_cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0] and ("file" in lines[0] or "directory" in lines[0]), lines
+    assert blocker.read_text() == "keep me"

@@ -132,23 +132,94 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank: int) -> str:
+def shapes(module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in module.state_dict().items()}
+
+
+def _own(ckpt_root: Path, run_id: str) -> list[str]:
+    """This run's finished checkpoints, oldest first: the only ones rotation may delete."""
+    tags = []
+    for p in sorted(ckpt_root.glob("step*")):
+        if p.is_dir() and TAG.fullmatch(p.name):
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((p / META).read_text()).get("run_id") == run_id:
+                    tags.append(p.name)
+    return tags
+
+
+def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank: int, run_id: str) -> str:
+    """Save `step`; then delete this run's oldest checkpoints beyond `keep`. A checkpoint of
+    another run (another `run_id`), an unfinished save or one from before run ids is never
+    deleted here."""
     tag = tag_of(step)
+    if rank == 0:  # a conversion of an earlier checkpoint that had this tag is stale now
+        shutil.rmtree(ckpt_root / UNIVERSAL / tag, ignore_errors=True)
     engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if rank == 0:
         tmp = ckpt_root / tag / (META + ".tmp")  # written last, with every file's size and sha256
         tmp.write_text(json.dumps({
-            "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "zero_stage": engine.zero_optimization_stage(), "files": _files(ckpt_root / tag)}) + "\n")
+            "step": step, "run_id": run_id, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "zero_stage": engine.zero_optimization_stage(), "shapes": shapes(engine.module),
+            "files": _files(ckpt_root / tag)}) + "\n")
         os.replace(tmp, ckpt_root / tag / META)
         set_latest(ckpt_root, tag)
-        tags = sorted(p.name for p in ckpt_root.glob("step*") if p.is_dir())
-        for old in tags[:-keep]:
+        for old in _own(ckpt_root, run_id)[:-keep]:
             if old != tag:
                 shutil.rmtree(ckpt_root / old, ignore_errors=True)
     _barrier()
     return tag
+
+
+def adopt(ckpt_root: Path, tag: str, run_id: str) -> None:
+    """Record `tag` (the checkpoint a resume continues from, maybe a PBT copy from another
+    trial) as this run's, so rotation may retire it once newer ones exist."""
+    path = ckpt_root / tag / META
+    info = json.loads(path.read_text())
+    if info.get("run_id") != run_id:
+        info["run_id"] = run_id
+        tmp = path.with_name(META + ".tmp")
+        tmp.write_text(json.dumps(info) + "\n")
+        os.replace(tmp, path)
+
+
+SET_ASIDE = "set_aside"
+
+
+def set_aside_newer(ckpt_root: Path, step: int) -> list[str]:
+    """Before a resume from `step` trains on, move every checkpoint folder of a later step (a
+    damaged save, or one LATEST did not name) to `checkpoints/set_aside/`: the resumed run
+    would otherwise write into the same tags. Nothing is deleted; returns what was moved."""
+    moved = []
+    for p in sorted(ckpt_root.glob("step*")):
+        if p.is_dir() and TAG.fullmatch(p.name) and int(p.name[4:]) > step:
+            dest = ckpt_root / SET_ASIDE / p.name
+            while dest.exists():
+                dest = dest.with_name(dest.name + "+")
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(p, dest)
+            shutil.rmtree(ckpt_root / UNIVERSAL / p.name, ignore_errors=True)
+            moved.append(f"{p} -> {dest}")
+    return moved
+
+
+def architecture_change(info: dict, module, old_cfg: dict | None, new_cfg: dict) -> str | None:
+    """What differs between the model a checkpoint holds and the one the config builds, for a
+    one-line error (None when the parameter shapes agree, or the checkpoint predates them)."""
+    if "shapes" not in info:
+        return None
+    old, new = info["shapes"], shapes(module)
+    if old == new:
+        return None
+    keys = [f"{k}: {old_cfg[k]!r} -> {new_cfg[k]!r}" for k in sorted(new_cfg)
+            if old_cfg is not None and k in old_cfg and old_cfg[k] != new_cfg[k]]
+    missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    shape = next((f"{k} {old[k]} -> {new[k]}" for k in sorted(set(old) & set(new)) if old[k] != new[k]), None)
+    detail = "; ".join(filter(None, [
+        f"{len(missing)} tensors gone (e.g. {missing[0]})" if missing else None,
+        f"{len(extra)} new tensors (e.g. {extra[0]})" if extra else None,
+        f"shape {shape}" if shape else None]))
+    return (", ".join(keys) or "the model config") + f" ({detail})"
 
 
 def load(engine, ckpt_root: Path, tag: str) -> dict:

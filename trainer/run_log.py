@@ -6,6 +6,7 @@ collective calls. Run directory layout:
   best/model.safetensors + best/metrics.json      the best model by validation MAE
   checkpoints/       DeepSpeed checkpoints + LATEST              summary.json   the final result
   preempted.json     present while the run is stopped by a signal (SLURM requeues on it)
+  metrics.superseded.jsonl  rows a resume re-ran (moved out of metrics.jsonl, never deleted)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from data_pipeline.shard import MANIFEST
 from launch.config import resolved, save_yaml
 from launch.errors import UserError
+from launch.paths import out_dir
 
 
 PREEMPTED = "preempted.json"
@@ -34,6 +37,7 @@ PREEMPTED = "preempted.json"
 # What a run writes into its run directory: --overwrite removes these and nothing else (the
 # demo keeps its shards under runs/demo/shards).
 RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "calibration.json", PREEMPTED,
+             "metrics.superseded.jsonl",
              "tensorboard", "checkpoints", "best")
 
 
@@ -43,8 +47,7 @@ def guard_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     clears the run's files first, anything else is refused."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pick one")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"train.run_dir={run_dir}: is a file, not a directory")
+    out_dir(run_dir, label=f"train.run_dir={run_dir}")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if not found or resume:
         return
@@ -70,15 +73,17 @@ def _atomic_json(path: Path, data) -> None:
 
 class RunLog:
     def __init__(self, run_dir: Path, cfg, rank: int, world: int, total_steps: int, step: int,
-                 resumed_from: str | None, steps_per_epoch: int | None = None):
+                 resumed_from: str | None, steps_per_epoch: int | None = None, validated_at: int = -1):
         self.dir, self.rank, self.main = run_dir, rank, rank == 0
-        self._tb = self._bar = None
+        self._tb = self._bar = self.run_id = None
         if self.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / PREEMPTED).unlink(missing_ok=True)
             save_yaml(resolved(cfg), run_dir / "config.yaml")
             manifest = Path(cfg.data.loader.shards) / MANIFEST
             info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+            self.run_id = info.setdefault("run_id", uuid.uuid4().hex)  # stamped into every checkpoint
+            self._drop_superseded(step, validated_at)
             info.setdefault("starts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world,
                                                   "resumed_from": resumed_from, "step": step})
             info["data_manifest_sha256"] = (hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -90,6 +95,39 @@ class RunLog:
             self._bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=None)
         _barrier()
 
+    def _drop_superseded(self, step: int, validated_at: int) -> None:
+        """A resume from `step` re-runs what came after it: those metrics.jsonl rows move to
+        metrics.superseded.jsonl, so metrics.jsonl reads as one run and nothing is lost. Rows of
+        `step` itself stay when the checkpoint was taken after them (its training log, and its
+        validation when the checkpoint says it was done)."""
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep, drop = [], []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                at, phase = int(row.get("step", 0)), row.get("phase")
+            except (ValueError, TypeError, AttributeError):
+                drop.append(line)
+                continue
+            ok = at < step or (at == step and (phase == "train" or (validated_at == step and phase != "test")))
+            (keep if ok else drop).append(line)
+        if drop:
+            with (self.dir / "metrics.superseded.jsonl").open("a") as f:
+                f.write("\n".join(drop) + "\n")
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)
+            print(f"agescale: resume: {len(drop)} metrics.jsonl rows after step {step} moved to "
+                  f"{self.dir / 'metrics.superseded.jsonl'}", file=sys.stderr)
+
+    def data_epoch(self, step: int, epoch: int, skipped: int, skipped_total: int) -> None:
+        """Per epoch: samples replaced because they could not be decoded (on_bad_sample=skip)."""
+        self.scalars("data", step, {"epoch": epoch, "skipped_samples": skipped, "skipped_total": skipped_total})
+        if skipped and self._bar is not None:
+            self._bar.write(f"epoch {epoch}: {skipped} undecodable samples skipped ({skipped_total} in the run)")
+
     def scalars(self, phase: str, step: int, values: dict) -> None:
         if not self.main:
             return
@@ -98,7 +136,7 @@ class RunLog:
         for k, v in values.items():
             if isinstance(v, (int, float)):
                 self._tb.add_scalar(f"{phase}/{k}", v, step)
-        if phase != "train" and self._bar is not None:
+        if phase not in ("train", "data") and self._bar is not None:
             self._bar.write(f"step {step} {phase}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)))
 

@@ -58,6 +58,23 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
+def _model_config(cfg) -> dict:
+    return {**{f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()},
+            "data.loader.image_size": cfg.data.loader.image_size}
+
+
+def _saved_model_config(run_dir: Path) -> dict | None:
+    """The model settings of the run's last start (config.yaml), to name what a resume changed."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return {**{f"model.{k}": v for k, v in raw["model"].items()},
+                "data.loader.image_size": raw["data"]["loader"]["image_size"]}
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
 def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], None] | None = None) -> dict:
     """Train as `cfg` says; returns the final summary (also written to run_dir/summary.json).
 
@@ -97,6 +114,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
 
     tag, notes = checkpoint.resumable(ckpt_root) if resume else (None, [])
     if rank == 0:
+        if resume:  # later tags would be written over by this run: moved aside, never deleted
+            notes += [f"set aside {m}" for m in checkpoint.set_aside_newer(ckpt_root, int(tag[4:]) if tag else 0)]
         for note in notes:
             print(f"agescale: resume: {note}", file=sys.stderr)
         if resume and tag is None:
@@ -109,6 +128,12 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         ds_config["checkpoint"] = {"load_universal": True}
 
     model = create_model(cfg.model, cfg.data.loader.image_size)
+    if tag:
+        changed = checkpoint.architecture_change(checkpoint.meta(ckpt_root, tag), model,
+                                                 _saved_model_config(run_dir), _model_config(cfg))
+        if changed:
+            raise UserError(f"{ckpt_root / tag} holds another model than this config builds: {changed}; "
+                            "resume with the run's own model settings or train into a new train.run_dir")
     optimizer = make_optimizer(model, tc.optimizer)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=make_schedule(optimizer, tc.optimizer, total_steps),
@@ -129,10 +154,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if tc.channels_last else images
 
-    step, best_mae, resumed_from, val_rounds, validated_at = 0, float("inf"), None, 0, -1
+    step, best_mae, resumed_from, val_rounds, validated_at, skipped_before = 0, float("inf"), None, 0, -1, 0
     if tag:
         state = checkpoint.load(engine, load_root, tag)
         step, best_mae, resumed_from = state["step"], state["best_mae"], tag
+        skipped_before = state.get("skipped_samples", 0)
         # A checkpoint taken at an epoch's last step, before that epoch's validation, validates
         # again after a resume; one taken after it does not.
         val_rounds, validated_at = state.get("val_rounds", 0), state.get("validated_at", -1)
@@ -144,12 +170,15 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             ema.module.load_state_dict(state["ema"])
         # The config's learning rate wins over the checkpoint's (PBT changes it between resumes).
         scheduler.base_lrs = [tc.optimizer.lr for _ in scheduler.base_lrs]
-    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from, steps_per_epoch)
+    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from, steps_per_epoch, validated_at)
+    if tag and rank == 0:
+        checkpoint.adopt(ckpt_root, tag, log.run_id)  # the checkpoint this run continues from is its own
     stop = _Stop()
 
     def client_state() -> dict:
         return {"step": step, "best_mae": best_mae, "loader": train_loader.state_dict(), "world_size": world,
-                "val_rounds": val_rounds, "validated_at": validated_at} | (
+                "val_rounds": val_rounds, "validated_at": validated_at,
+                "skipped_samples": skipped_before + train_loader.skipped} | (
                     {"ema": ema.module.state_dict()} if ema is not None else {})
 
     saved_at = step if tag else -1
@@ -157,7 +186,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     def save() -> str:
         nonlocal saved_at
         if saved_at != step:
-            checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank)
+            checkpoint.save(engine, ckpt_root, step, client_state(), tc.keep_checkpoints, rank, log.run_id)
             saved_at = step
         return checkpoint.tag_of(step)
 
@@ -185,7 +214,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     stopped, nonfinite = False, 0
     t0, seen = time.perf_counter(), 0
     while step < total_steps and not stopped:
-        epoch = train_loader.epoch
+        epoch, skipped_at_start = train_loader.epoch, train_loader.skipped
         micro = 0
         for batch in train_loader:
             torch.manual_seed(_step_seed(tc.seed, step, rank))
@@ -231,11 +260,14 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
                 stopped = True
                 break
         if train_loader.epoch != epoch or stopped:  # a full epoch, or the last step
+            if validated_at != step:  # once per epoch end (a resume there validates again, this too)
+                log.data_epoch(step, epoch, train_loader.skipped - skipped_at_start,
+                               skipped_before + train_loader.skipped)
             validate()
 
     save()
     summary = {"steps": step, "best_val_mae": best_mae, "world_size": world,
-               "param_checksums": log.param_checksums(engine.module), "skipped_samples": train_loader.skipped}
+               "param_checksums": log.param_checksums(engine.module), "skipped_samples": skipped_before + train_loader.skipped}
     rule = None
     if tc.calibrate or tc.test_at_end:
         log.load_best(eval_model)
