@@ -181,6 +181,10 @@ class LoaderConfig(Strict):
     def _fused_is_cpu_only(self) -> "LoaderConfig":
         if self.augment_ops == "fused" and self.device == "gpu":
             raise ValueError("augment_ops=fused runs on the CPU only; use augment_ops=dali (or auto) with device=gpu")
+        if min(self.std) <= 0:  # the normalisation divides by it
+            raise ValueError(f"std {list(self.std)}: every channel's std must be > 0")
+        if not all(0 <= m <= 1 for m in self.mean):
+            raise ValueError(f"mean {list(self.mean)}: channel means are fractions of 255, between 0 and 1")
         return self
 
 

@@ -1,8 +1,11 @@
 """Image decode check and stored payload for the sharder (runs in worker processes).
 
 Every image is fully decoded once at shard time so that a corrupt or truncated file is caught
-there, listed in the manifest, and never reaches a training run. The bytes that were checked
-are the bytes that get stored.
+there, listed in the manifest, and never reaches a training run. 8-bit RGB or grey JPEG/PNG
+bytes that pass the check are stored as they are; anything else (16-bit, float, palette,
+transparency, CMYK, other formats, --max-side) is converted by `to_rgb` (launch/image_modes.py,
+shared with predict) and re-encoded, so that PIL and DALI decode exactly what `to_rgb` made of
+the file.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-# Stored as they are: DALI's and PIL's decoders read both. Other formats are re-encoded as PNG.
-KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
-MIN_SIDE = 8
+from launch.errors import UserError
+from launch.image_modes import to_rgb
 
+# Stored as they are when already 8-bit RGB or grey: DALI's and PIL's decoders read both the same.
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+KEPT_MODES = {"RGB", "L"}
+MIN_SIDE = 8
 
 @dataclass(frozen=True)
 class Prepared:
@@ -34,6 +40,7 @@ class Prepared:
 
 
 def prepare_image(image: Path | bytes, max_side: int | None = None, quality: int = 95) -> Prepared:
+    where = "image bytes" if isinstance(image, bytes) else str(image)
     try:
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
     except OSError as e:
@@ -46,9 +53,11 @@ def prepare_image(image: Path | bytes, max_side: int | None = None, quality: int
             if w < MIN_SIDE or h < MIN_SIDE:
                 return Prepared(f"image too small: {w}x{h}")
             shrink = max_side is not None and max(w, h) > max_side
-            if fmt in KEPT_FORMATS and not shrink:
+            if fmt in KEPT_FORMATS and im.mode in KEPT_MODES and "transparency" not in im.info and not shrink:
                 return Prepared(ext=KEPT_FORMATS[fmt], data=data, width=w, height=h)
-            out = ImageOps.exif_transpose(im).convert("RGB")
+            out = to_rgb(ImageOps.exif_transpose(im), where)
+    except UserError as e:
+        return Prepared(str(e))
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, DecompressionBombError
         return Prepared(f"undecodable image: {type(e).__name__}: {e}")
     if shrink:
@@ -57,4 +66,3 @@ def prepare_image(image: Path | bytes, max_side: int | None = None, quality: int
     ext = "jpg" if fmt == "JPEG" or shrink else "png"
     out.save(buf, "JPEG", quality=quality) if ext == "jpg" else out.save(buf, "PNG")
     return Prepared(ext=ext, data=buf.getvalue(), width=out.width, height=out.height)
-

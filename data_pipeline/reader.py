@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from data_pipeline.images import to_rgb
 from data_pipeline.shard import LABELS_EXT, load_manifest
 from data_pipeline.tarshard import read_index
 from launch.errors import UserError
@@ -110,7 +111,9 @@ class ShardIndex:
         data = self.image_bytes(i)
         try:
             with Image.open(io.BytesIO(data)) as im:
-                return ImageOps.exif_transpose(im).convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(im), self.where(i))
+        except UserError as e:  # an image mode to_rgb refuses; the message names the sample
+            raise DataError(str(e)) from None
         except Exception as e:  # PIL raises many types for bad data
             raise DataError(f"{self.where(i)}: undecodable image ({type(e).__name__}: {e})") from None
 

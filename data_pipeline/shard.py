@@ -7,6 +7,11 @@ Each sample in a tar has three components:
                        race (UTKFace codes 0-4, -1 unknown); DALI reads it as FLOAT, no JSON needed
   <key>.json           every label and the provenance, for people and the PyTorch loader
 The tars are byte-identical for the same inputs and seed (fixed mtime, owner and order).
+
+Inputs with the same content (sha256 of the file bytes) are stored once, whichever dataset or
+folder they came from: the first in --src order (then adapter order) is kept, the others are
+listed under "duplicates" in the manifest. Splits are assigned after that, so one image can
+never be in two splits.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import statistics
 from collections import Counter
@@ -32,8 +38,11 @@ from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin,
 from data_pipeline.split import assign_splits, even_chunks, shard_count
 from data_pipeline.tarshard import ShardWriter
 from launch.errors import UserError
+from launch.paths import out_dir
 
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+PARTIAL = ".partial"  # suffix of every file being written; renamed when complete
 FORMAT_VERSION = 1
 LABELS_EXT = "labels.f32"
 LABEL_FORMAT = {
@@ -74,31 +83,55 @@ def label_vector(rec: FaceRecord) -> bytes:
     return np.array([rec.age, g, r], dtype="<f4").tobytes()
 
 
+def _sharder_file(path: Path) -> bool:
+    """A file `agescale shard` writes inside a split folder: <split>-NNNNNN.tar/.idx, or a
+    .tar.partial left by an interrupted run."""
+    return path.is_file() and re.fullmatch(re.escape(path.parent.name) + r"-\d{6}\.(tar|idx|tar\.partial)",
+                                           path.name) is not None
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory")
+    """Make `out` an empty place for a shard set. --overwrite deletes only what the sharder
+    wrote: the manifest's split folders, manifest.json and config.yaml, and (even without a
+    manifest, which an interrupted run never got to write) folders holding nothing but shard and
+    .partial files, and manifest.json.partial / config.yaml.partial. Without a manifest it
+    refuses when anything else is there; with one, other files are left alone."""
+    out_dir(out)
     if out.exists() and any(out.iterdir()):
-        old = out / MANIFEST
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace an earlier shard set")
-        if not old.exists():
-            raise UserError(f"--out {out} is not empty and holds no {MANIFEST}; refusing to delete it")
-        try:
-            splits = json.loads(old.read_text())["splits"]
-        except (ValueError, KeyError):
-            raise UserError(f"{old}: not an agescale manifest; refusing to delete {out}") from None
-        for name in splits:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for name in (MANIFEST, "config.yaml"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        old = out / MANIFEST
+        splits: list[str] = []
+        if old.exists():
+            try:
+                splits = list(json.loads(old.read_text())["splits"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{old}: not an agescale manifest; refusing to delete {out}") from None
+        files = {MANIFEST + PARTIAL, CONFIG + PARTIAL} | ({MANIFEST, CONFIG} if old.exists() else set())
+        owned, other = [], []
+        for p in sorted(out.iterdir()):
+            mine = (p.name in splits or all(_sharder_file(f) for f in p.iterdir())) if p.is_dir() \
+                else (p.is_file() and p.name in files)
+            (owned if mine else other).append(p)
+        if other and not old.exists():
+            raise UserError(f"--out {out} is not empty and holds no {MANIFEST}; refusing to delete it "
+                            f"({other[0].name} is not a file agescale shard writes)")
+        for p in owned:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
 
 
-def _collect(sources: Sequence[tuple[str, Path]], cfg: DataConfig) -> tuple[list[FaceRecord], list[Rejected], dict]:
-    records: list[FaceRecord] = []
+def _collect(sources: Sequence[tuple[str, Path]], cfg: DataConfig
+             ) -> tuple[list[tuple[int, FaceRecord]], list[Rejected], list[dict]]:
+    """Labelled records, each with the index of its (dataset, --src) pair; rejections; one
+    stats entry per pair (a pair given twice gets two entries)."""
+    records: list[tuple[int, FaceRecord]] = []
     rejected: list[Rejected] = []
-    per_source: dict[str, dict] = {}
-    for name, src in sources:
+    per_source: list[dict] = []
+    for i, (name, src) in enumerate(sources):
         n_in = n_ok = 0
         for item in create_dataset(name, src, cfg.ingest):
             n_in += 1
@@ -109,10 +142,43 @@ def _collect(sources: Sequence[tuple[str, Path]], cfg: DataConfig) -> tuple[list
             if why:
                 rejected.append(Rejected(item.source, item.original_id, why))
                 continue
-            records.append(item)
+            records.append((i, item))
             n_ok += 1
-        per_source[f"{name}:{src}"] = {"dataset": name, "src": str(src.resolve()), "inputs": n_in, "labels_ok": n_ok}
+        per_source.append({"dataset": name, "src": str(src.resolve()), "inputs": n_in, "labels_ok": n_ok,
+                           "duplicates": 0})
     return records, rejected, per_source
+
+
+def _input_name(rec: FaceRecord) -> str:
+    return str(rec.image) if isinstance(rec.image, Path) else f"{rec.source}:{rec.original_id}"
+
+
+def _dedupe(records: Sequence[tuple[int, FaceRecord]]
+            ) -> tuple[list[tuple[int, FaceRecord]], list[tuple[int, dict]]]:
+    """Keep the first record of each file content (sha256 of the bytes); list the others.
+
+    Hashing in the parent costs one extra read per file (~0.1 s per 50 MB, from the page cache
+    the decode check then reads again), and it must happen before splits are assigned.
+    An unreadable file is kept here and rejected by the decode check.
+    """
+    first: dict[str, FaceRecord] = {}
+    kept, dropped = [], []
+    for i, rec in records:
+        try:
+            digest = hashlib.sha256(rec.image).hexdigest() if isinstance(rec.image, bytes) else sha256_file(rec.image)
+        except OSError:
+            kept.append((i, rec))
+            continue
+        if digest not in first:
+            first[digest] = rec
+            kept.append((i, rec))
+            continue
+        k = first[digest]
+        differ = "" if (k.age, k.gender, k.race) == (rec.age, rec.gender, rec.race) else \
+            f"; labels differ: kept age {k.age:g}, gender {k.gender}, race {k.race}"
+        dropped.append((i, {"source": _input_name(rec), "dataset": rec.source, "kept": _input_name(k),
+                            "sha256": digest, "reason": f"same content sha256 as {_input_name(k)}{differ}"}))
+    return kept, dropped
 
 
 def _unique_keys(records: Iterable[FaceRecord]) -> list[tuple[str, FaceRecord]]:
@@ -186,13 +252,18 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
     See the module docstring."""
     sc = cfg.shard
     records, rejected, per_source = _collect(sources, cfg)
-    for key, stats in per_source.items():
+    for stats in per_source:
         if stats["labels_ok"] == 0:
             reasons = Counter(r.reason.split(":")[0] for r in rejected if r.source == stats["dataset"])
             why = f" ({stats['inputs']} inputs rejected; reasons: {dict(reasons.most_common(3))})" if stats["inputs"] else ""
             raise UserError(f"--src {stats['src']}: no usable {stats['dataset']} samples{why}")
     _prepare_out(out, overwrite)
-    keyed = _unique_keys(records)
+    records, duplicates = _dedupe(records)
+    for i, _ in duplicates:
+        per_source[i]["duplicates"] += 1
+    pair_of = {id(rec): i for i, rec in records}
+    keyed = _unique_keys(rec for _, rec in records)
+    origin = {key: pair_of[id(rec)] for key, rec in keyed}  # key → index of its (dataset, --src) pair
     # Splits are assigned from labels alone, before the decode check: a bad image never moves
     # another sample to a different split.
     by_split = assign_splits(keyed, sc.splits, sc.seed, cfg.labels)
@@ -225,12 +296,12 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
         for split in by_split:
             shutil.rmtree(out / split, ignore_errors=True)
         raise UserError("no image could be decoded; nothing to shard")
-    for stats in per_source.values():
-        stats["sharded"] = sum(1 for _, r in sharded if r.source == stats["dataset"])
+    for i, stats in enumerate(per_source):
+        stats["sharded"] = sum(1 for key, _ in sharded if origin[key] == i)
 
     manifest = {
         "format_version": FORMAT_VERSION,
-        "sources": list(per_source.values()),
+        "sources": per_source,
         "seed": sc.seed,
         "splits_requested": sc.splits,
         "label_format": LABEL_FORMAT,
@@ -242,16 +313,18 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
             "shards_per_split": {s: len(v["shards"]) for s, v in split_info.items()},
             "max_side": sc.max_side,
         },
-        "total": _stats(sharded, cfg) | {"inputs": sum(s["inputs"] for s in per_source.values()),
-                                         "rejected": len(rejected)},
+        "total": _stats(sharded, cfg) | {"inputs": sum(s["inputs"] for s in per_source),
+                                         "rejected": len(rejected), "duplicates": len(duplicates)},
         "splits": split_info,
         "rejected": [{"source": r.source, "input": r.input, "reason": r.reason}
                      for r in sorted(rejected, key=lambda r: (r.source, r.input))],
+        "duplicates": [d for _, d in duplicates],
     }
-    if resolved_config is not None:
+    if resolved_config is not None:  # written as .partial too, so an interrupted run leaves only owned names
         from launch.config import save_yaml
-        save_yaml(resolved_config, out / "config.yaml")
-    tmp = out / (MANIFEST + ".partial")
+        save_yaml(resolved_config, out / (CONFIG + PARTIAL))
+        os.replace(out / (CONFIG + PARTIAL), out / CONFIG)
+    tmp = out / (MANIFEST + PARTIAL)
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST)  # last: a shard set without a manifest is incomplete
     return manifest

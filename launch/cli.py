@@ -53,6 +53,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
     for split, info in m["splits"].items():
         print(f"{split:>6}: {info['count']:6d} samples in {len(info['shards'])} shards")
     print(f"rejected: {len(m['rejected'])} (reasons in {args.out / 'manifest.json'})")
+    if m["total"].get("duplicates"):
+        print(f"duplicates: {m['total']['duplicates']} identical files stored once (listed in the manifest)")
     print(f"wrote {args.out}")
     return 0
 

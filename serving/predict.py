@@ -9,19 +9,45 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from launch.errors import UserError
+from launch.image_modes import to_rgb
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+PREPROCESS_KEYS = ("resize", "center_crop", "scale", "mean", "std", "input_name")
+
+
+def _bundle_json(bundle: Path, name: str, keys: tuple[str, ...]) -> dict:
+    """One bundle file, parsed and checked for the keys predict reads: a damaged or hand-edited
+    file is one line naming it, not a KeyError mid-batch."""
+    path = bundle / name
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing from the bundle; export it again") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {e})"[:300]) from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{path}: lacks {', '.join(missing)}; export the bundle again")
+    return data
 
 
 class Predictor:
     def __init__(self, bundle: Path, threads: int | None = None):
         import onnxruntime as ort
 
-        self.pre = json.loads((bundle / "preprocess.json").read_text())
-        self.labels = json.loads((bundle / "labels.json").read_text())
+        self.pre, self.labels = _bundle_json(bundle, "preprocess.json", PREPROCESS_KEYS), _bundle_json(
+            bundle, "labels.json", ("min_age", "max_age"))
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, NoSuchFile, Fail, ...)
+            raise UserError(f"{bundle / 'model.onnx'}: not a loadable ONNX model ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); export the bundle again") from None
         self.names = [o.name for o in self.session.get_outputs()]
         self.ages = np.arange(self.labels["min_age"], self.labels["max_age"] + 1, dtype=np.float64)
 
@@ -29,7 +55,7 @@ class Predictor:
         p = self.pre
         if p.get("exif_orientation"):
             image = ImageOps.exif_transpose(image)
-        image = image.convert("RGB")
+        image = to_rgb(image)  # the sharder's conversion: 16-bit, float, palette, alpha all as in training
         w, h = image.size
         short = p["resize"]["shorter_side"]
         scale = short / min(w, h)

@@ -213,3 +213,35 @@ def test_every_out_that_is_a_file_or_under_one_is_refused_up_front(command, wher
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--out" in lines[0] and ("file" in lines[0] or "directory" in lines[0]), lines
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.method_args.sigma=0", "model.method_args.sigma"),
+    ("model.method_args.label_smoothing=1.5", "model.method_args.label_smoothing"),
+    ("data.loader.std=[0.2,0,0.2]", "std"),
+    ("model.min_age=90", "max_age"),
+])
+def test_inconsistent_or_out_of_range_settings_are_refused_at_load_time(override, named, tmp_path):
+    method = {"sigma": "ldl", "label_smoothing": "dex"}.get(override.split(".")[-1].split("=")[0])
+    extra = [f"model.method={method}"] if method else []
+    if override.startswith("model.min_age"):
+        extra.append("model.max_age=80")
+    r = run_cli("train", CONFIG, f"train.run_dir={tmp_path / 'run'}", *extra, override)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and named in lines[0], r.stderr[-1500:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_split_the_run_needs_but_the_shards_lack_is_refused_before_training(utk_shards, tmp_path):
+    import json
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(utk_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["splits"]["test"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("train", CONFIG, f"data.loader.shards={shards}", f"train.run_dir={tmp_path / 'run'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "split(s) test" in lines[-1] and "train.test_at_end=false" in lines[-1]
+    assert not (tmp_path / "run").exists()                                   # refused before any compute

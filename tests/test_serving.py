@@ -124,3 +124,43 @@ def test_predict_plain_output_and_bad_bundle(bundle, tmp_path):
     assert "age " in r.stdout and "P(female)" in r.stdout
     r = run_cli("predict", tmp_path, next(SAMPLE.glob("*.jpg")))
     assert r.returncode == 2 and "no model.onnx" in r.stderr
+
+
+@pytest.mark.parametrize("damage", ["preprocess_not_json", "preprocess_lacks_keys", "labels_missing", "onnx_truncated"])
+def test_a_damaged_bundle_file_is_one_line_naming_it(bundle, tmp_path, damage):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    name = {"preprocess_not_json": "preprocess.json", "preprocess_lacks_keys": "preprocess.json",
+            "labels_missing": "labels.json", "onnx_truncated": "model.onnx"}[damage]
+    path = b / name
+    if damage == "preprocess_not_json":
+        path.write_text('{"resize": ')
+    elif damage == "preprocess_lacks_keys":
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "mean"}))
+    elif damage == "labels_missing":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:5000])
+    r = run_cli("predict", b, next(SAMPLE.glob("*.jpg")))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and str(path) in lines[0] and r.stdout == "", r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("which", ["best", "checkpoint"])
+def test_damaged_weights_are_one_line_naming_the_file(trained_run, utk_shards, tmp_path, which):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    target = (run / "best" / "model.safetensors" if which == "best"
+              else run / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt")
+    target.write_bytes(target.read_bytes()[:4096])
+    arg = run if which == "best" else target.parent
+    for cmd in (["evaluate", arg, "--data", utk_shards / "val", "--out", tmp_path / "ev"],
+                ["export", arg, "--out", tmp_path / "bundle"]):
+        r = run_cli(*cmd)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (cmd[0], r.stderr[-1500:])
+        assert str(target) in lines[0], (cmd[0], lines)

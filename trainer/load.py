@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from launch.config import Config, load_config
 from launch.errors import UserError
+from trainer import checkpoint
 from trainer.models import AgeModel, create_model
 
 
@@ -32,12 +33,21 @@ def load_trained(path: Path) -> tuple[Config, AgeModel, Path]:
     cfg = load_config(run / "config.yaml", ["model.weights=scratch"])
     if path.is_dir() and (path / "mp_rank_00_model_states.pt").exists():
         weights = path / "mp_rank_00_model_states.pt"
-        state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+        why = checkpoint.damage(path.parent, path.name)
+        if why is not None and (path / checkpoint.META).exists():
+            raise UserError(f"{why}; use another checkpoint or the run's best/")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on a damaged file
+            raise UserError(f"{weights}: unreadable checkpoint file ({type(e).__name__})") from None
     else:
         weights = path if path.is_file() else run / "best" / "model.safetensors"
         if not weights.exists():
             raise UserError(f"{run}: no best/model.safetensors (did the run validate at least once?)")
-        state = load_file(str(weights))
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises SafetensorError / OSError on truncated or foreign files
+            raise UserError(f"{weights}: unreadable weights file ({type(e).__name__}: {str(e)[:120]})") from None
     model = create_model(cfg.model, cfg.data.loader.image_size)
     own = model.state_dict()
     try:

@@ -58,6 +58,21 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{rank}".encode()).digest()[:8], "little") >> 1
 
 
+def _check_splits(shards: Path, need: tuple[str, ...]) -> None:
+    """Every split the run will read, checked before any compute (the test split is read only
+    after the last step, hours in)."""
+    try:
+        have = json.loads((shards / MANIFEST).read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{shards / MANIFEST}: unreadable or without 'splits' ({type(e).__name__})") from None
+    empty = [s for s in need if not have.get(s, {}).get("count")]
+    if empty:
+        hint = " (or train.test_at_end=false)" if "test" in empty else ""
+        counts = ", ".join(f"{k}={v.get('count')}" for k, v in have.items())
+        raise UserError(f"data.loader.shards={shards}: no samples in split(s) {', '.join(empty)}, which the run needs "
+                        f"(it has {counts}); reshard with --splits train=...,val=...,test=...{hint}")
+
+
 def _model_config(cfg) -> dict:
     return {**{f"model.{k}": v for k, v in cfg.model.model_dump(mode="json").items()},
             "data.loader.image_size": cfg.data.loader.image_size}
@@ -93,6 +108,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     shards = Path(cfg.data.loader.shards)
     if cfg.data.loader.backend != "synthetic" and not (shards / MANIFEST).exists():
         raise UserError(f"data.loader.shards={shards}: no {MANIFEST} there (run `agescale shard ... --out {shards}`)")
+    if cfg.data.loader.backend != "synthetic":
+        _check_splits(shards, need=("train", "val", "test") if tc.test_at_end else ("train", "val"))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init(env, tc.device)
     rank, world = env.rank, env.world_size

@@ -2,7 +2,8 @@
 
 With a header row the columns are found by name (`path` and `age` required); without one they
 are taken in that order. Paths are relative to the CSV's folder. gender: 0/m/male, 1/f/female
-or empty for unknown. A row with a bad value is rejected with its line number and reason.
+or empty for unknown. A row with a bad value, or with more or fewer fields than the header,
+is rejected (listed in the manifest) with its line number and reason.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ COLUMNS = ("path", "age", "gender", "race", "subject")
 def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
     if not src.is_file():
         raise UserError(f"--src {src}: the csv dataset expects a CSV file")
-    rows = list(csv.reader(io.StringIO(read_text(src), newline="")))
+    rows = _rows(src)
     if not rows:
         raise UserError(f"{src}: empty CSV")
-    header = [c.strip().lower() for c in rows[0]]
+    header = [c.strip().lower() for c in rows[0][1]]
     if "path" in header or "age" in header:
         missing = {"path", "age"} - set(header)
         if missing:
@@ -37,15 +38,21 @@ def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
         unknown = set(header) - set(COLUMNS)
         if unknown:
             raise UserError(f"{src}: unknown column(s) {', '.join(sorted(unknown))}; allowed: {', '.join(COLUMNS)}")
-        cols, body, first_line = header, rows[1:], 2
+        cols, body, allowed = header, rows[1:], range(len(header), len(header) + 1)
     else:
-        cols, body, first_line = list(COLUMNS), rows, 1
-    for line, row in enumerate(body, start=first_line):
+        cols, body, allowed = list(COLUMNS), rows, range(2, len(COLUMNS) + 1)
+    for line, row in body:
         if not row or not any(c.strip() for c in row):
+            continue
+        where = f"{src.name} line {line}"
+        if len(row) not in allowed:
+            # zip() would silently drop extra fields or leave columns unset: a misaligned row.
+            expected = f"{allowed[0]}" if len(allowed) == 1 else f"{allowed[0]}-{allowed[-1]}"
+            yield Rejected(SOURCE, row[0].strip() or where,
+                           f"{where}: {len(row)} fields, expected {expected} ({','.join(cols[:allowed[-1]])})")
             continue
         values = dict(zip(cols, (c.strip() for c in row)))
         rel = values.get("path", "")
-        where = f"{src.name} line {line}"
         try:
             age = float(values.get("age", ""))
         except ValueError:
@@ -65,3 +72,14 @@ def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
             continue
         yield FaceRecord(image=image, age=age, gender=gender, race=race, subject=values.get("subject") or None,
                          source=SOURCE, original_id=rel)
+
+
+def _rows(src: Path) -> list[tuple[int, list[str]]]:
+    """(line number where the row starts, as an editor shows it, fields) for each CSV row; a
+    quoted field may span lines, so the row count is not the line number."""
+    reader = csv.reader(io.StringIO(read_text(src), newline=""))
+    rows, start = [], 1
+    for row in reader:
+        rows.append((start, row))
+        start = reader.line_num + 1
+    return rows

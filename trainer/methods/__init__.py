@@ -21,6 +21,8 @@ class AgeMethod:
 
     name = ""
     summary = ""
+    # The range each numeric option accepts (inclusive); a value outside is refused at load time.
+    _limits: dict[str, tuple[float, float]] = {}
 
     def __init__(self, min_age: int = 0, max_age: int = 100, **options: float):
         if not 0 <= min_age < max_age:
@@ -34,6 +36,11 @@ class AgeMethod:
                          and isinstance(getattr(type(self), k), (int, float)) and not isinstance(getattr(type(self), k), bool)]
                 raise UserError(f"model.method_args.{key}: not an option of method {self.name!r} "
                                 f"(its options: {', '.join(known) or 'none'})")
+            if isinstance(default, int) and float(value) != int(value):
+                raise UserError(f"model.method_args.{key}={value}: method {self.name!r} needs a whole number")
+            lo, hi = self._limits.get(key, (float("-inf"), float("inf")))
+            if not lo <= float(value) <= hi:  # also refuses nan
+                raise UserError(f"model.method_args.{key}={value}: method {self.name!r} takes {lo} to {hi}")
             setattr(self, key, type(default)(value))
         self.min_age, self.max_age = min_age, max_age
         self.num_ages = max_age - min_age + 1

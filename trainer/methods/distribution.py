@@ -26,6 +26,7 @@ def mean_and_variance(p: torch.Tensor, ages: torch.Tensor) -> tuple[torch.Tensor
 class MeanVariance(AgeMethod):
     name, summary = "mean_variance", "softmax + mean loss + variance loss (Pan et al. 2018)"
     lambda_mean, lambda_var = 0.2, 0.05
+    _limits = {"lambda_mean": (0.0, 100.0), "lambda_var": (0.0, 100.0)}
 
     def loss(self, out, age):
         logits = out.float()
@@ -40,6 +41,7 @@ class MeanVariance(AgeMethod):
 class MeanResidue(AgeMethod):
     name, summary = "mean_residue", "softmax + mean loss + entropy outside a dynamic top-K (adaptive)"
     lambda_mean, lambda_residue, mass, min_k = 0.2, 0.1, 0.9, 2
+    _limits = {"lambda_mean": (0.0, 100.0), "lambda_residue": (0.0, 100.0), "mass": (0.01, 1.0), "min_k": (1, 50)}
 
     def residue(self, p: torch.Tensor) -> torch.Tensor:
         sorted_p, _ = p.sort(dim=1, descending=True)
@@ -62,6 +64,7 @@ class MeanResidue(AgeMethod):
 class LabelDistribution(AgeMethod):
     name, summary = "ldl", "label-distribution learning: KL to a Gaussian around the age"
     sigma = 2.0
+    _limits = {"sigma": (0.1, 50.0)}  # years; below ~0.1 the target is one-hot and the KL degenerates
 
     def target(self, age: torch.Tensor) -> torch.Tensor:
         d = self.ages.to(age.device)[None] - age.float()[:, None]

@@ -47,6 +47,7 @@ class ForestHead(nn.Module):
 class DeepRegressionForest(AgeMethod):
     name, summary = "drf", "deep regression forest: soft trees with Gaussian leaves"
     trees, depth = 5, 5
+    _limits = {"trees": (1, 64), "depth": (1, 10)}  # 2**depth leaves per tree
 
     def head(self, in_features: int) -> nn.Module:
         self.forest = ForestHead(in_features, self.trees, self.depth, self.min_age, self.max_age)
