@@ -37,7 +37,11 @@ def _start_ray(spec: SweepSpec) -> None:
     if spec.ray.address:
         ray.init(address=spec.ray.address, log_to_driver=False)
     else:
-        # address="local": always a new private instance, never a cluster left running by others.
+        # address="local": always a new private instance, never a cluster left running by others;
+        # the watchdog stops its processes if this driver dies without shutting it down.
+        from search import reaper
+
+        reaper.start()
         ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="WARNING")
 

@@ -57,12 +57,23 @@ def _run(cfg, trial_id: str, report) -> dict:
 
     ckpt_root = Path(cfg.train.run_dir) / "checkpoints"
 
+    last = []
+
     def reporter(metrics: dict, tag_dir: Path | None) -> None:
         if tag_dir is not None:
             (tag_dir / ORIGIN).write_text(json.dumps({"trial_id": trial_id, "tag": tag_dir.name}) + "\n")
-        report(metrics, tag_dir)
+        if metrics["last_round"]:
+            # A scheduler may end a trial at any report (ASHA at its last rung): the final round
+            # is reported only after the trainer has calibrated, tested and written summary.json.
+            last.append((metrics, tag_dir))
+        else:
+            report(metrics, tag_dir)
 
-    return train(cfg, resume=checkpoint.latest(ckpt_root) is not None, reporter=reporter)
+    summary = train(cfg, resume=checkpoint.latest(ckpt_root) is not None, reporter=reporter)
+    for metrics, tag_dir in last:
+        test = summary.get("test", {})
+        report({**metrics, **({"test_mae": test["mae"]} if "mae" in test else {})}, tag_dir)
+    return summary
 
 
 def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_worker: float,

@@ -245,3 +245,51 @@ def test_a_split_the_run_needs_but_the_shards_lack_is_refused_before_training(ut
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "split(s) test" in lines[-1] and "train.test_at_end=false" in lines[-1]
     assert not (tmp_path / "run").exists()                                   # refused before any compute
+
+
+@pytest.mark.slow
+def test_kill_9_at_five_random_moments_then_resume_ends_like_an_uninterrupted_run(utk_shards, tmp_path):
+    """kill -9 at 5 moments (3 at random times while training, 2 while a checkpoint is being
+    written), --resume after each; the final run must equal an uninterrupted one exactly."""
+    import json
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from conftest import AGESCALE
+    from test_train import small
+
+    opts = {"train.max_steps": 16, "train.ckpt_every_steps": 2}
+    whole = tmp_path / "whole"
+    run_cli("train", CONFIG, *small(utk_shards, whole, **opts), check=True)
+    cut, rng, kills = tmp_path / "cut", random.Random(14), []
+    ckpts = cut / "checkpoints"
+
+    def saving() -> bool:  # a checkpoint folder whose save has not finished (no agescale.json yet)
+        return any(p.is_dir() and not (p / "agescale.json").exists() for p in ckpts.glob("step*"))
+
+    for i in range(5):
+        args = [AGESCALE, "train", str(CONFIG), *small(utk_shards, cut, **opts)] + (["--resume"] if i else [])
+        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        metrics, deadline = cut / "metrics.jsonl", time.time() + 300
+        rows_before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        while proc.poll() is None and time.time() < deadline:  # until this start has trained a step
+            if metrics.exists() and len(metrics.read_text().splitlines()) > rows_before:
+                break
+            time.sleep(0.01)
+        during_save = i in (1, 3)
+        until = time.time() + (5.0 if during_save else rng.uniform(0.0, 1.0))
+        while proc.poll() is None and time.time() < until and not (during_save and saving()):
+            time.sleep(0.002)
+        if proc.poll() is None:
+            kills.append("save" if during_save and saving() else "random")
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(kills) >= 4 and "save" in kills, kills                       # the moments really happened
+    run_cli("train", CONFIG, *small(utk_shards, cut, **opts), "--resume", check=True)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert a == b                                                            # weights' checksums, metrics: equal
+    rows = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in rows if r["phase"] == "val"]
+    assert val_steps == sorted(set(val_steps))                               # one run's rows

@@ -30,7 +30,9 @@ def write_spec(path: Path, shards, space: dict | None = None, **extra) -> Path:
                       "train.optimizer.warmup_steps": 2},
         "space": space or {"model.method": {"grid": ["dex", "l1"]},
                            "data.loader.augment.strength": {"grid": [0.5, 1.5]}},
-        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+        # max_t = the trials' 4 validation rounds: ASHA stops every trial that gets there at its
+        # last report, and the one at round 2 may stop others early.
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2, "max_t": 4},
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "max_failures": 1, **extra,
     }
@@ -84,8 +86,9 @@ def test_asha_sweep_of_four_real_trials(sweep):
         own = val_maes(Path(t["run_dir"]))          # what the trainer itself logged
         assert float(t["best_val_mae"]) == pytest.approx(min(own.values()))
         assert int(t["val_rounds"]) == len(own) and int(t["steps"]) == max(own)
-        # ASHA may end a trial at any rung, its last one included (before the trainer's summary).
-        assert int(t["steps"]) == 16 if t["status"] == "completed" else int(t["steps"]) <= 16
+        # A trial ASHA ends at its last rung, after all its steps, is completed, with its summary.
+        done = (Path(t["run_dir"]) / "summary.json").exists()
+        assert (t["status"] == "completed") == (int(t["steps"]) == 16) == done, t
         cfg = yaml.safe_load((Path(t["run_dir"]) / "config.yaml").read_text())
         assert cfg["model"]["method"] == t["model.method"]
         assert cfg["data"]["loader"]["augment"]["strength"] == float(t["data.loader.augment.strength"])
@@ -141,8 +144,17 @@ def test_killed_driver_resumes_to_the_same_results(sweep, tmp_path):
             break
         time.sleep(0.5)
     assert proc.poll() is None, "the sweep ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    import psutil
+
+    ray_procs = [p for p in psutil.Process(proc.pid).children(recursive=True) if "reaper" not in " ".join(p.cmdline())]
+    assert any("DashboardAgent" in p.name() + " ".join(p.cmdline()) for p in ray_procs), [p.name() for p in ray_procs]
+    proc.send_signal(signal.SIGKILL)                                       # the driver alone, as the OOM killer does
     proc.wait()
+    gone = lambda p: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE  # noqa: E731
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(gone(p) for p in ray_procs):
+        time.sleep(0.5)
+    assert all(gone(p) for p in ray_procs), [p.name() for p in ray_procs if not gone(p)]  # none outlives it
     assert not (out / "results.csv").exists()
 
     r = tune("--resume", out, home=tmp_path / "home")

@@ -224,6 +224,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if reporter is not None:
             tag_dir = ckpt_root / save()
             reporter({"val_round": val_rounds, "step": step, "epoch": round(step / steps_per_epoch, 3),
+                      "last_round": step >= total_steps,
                       "best_val_mae": best_mae, **{f"val_{k}": v for k, v in metrics.items()}},
                      tag_dir if rank == 0 else None)
 
