@@ -28,8 +28,10 @@ from data_pipeline.loaders import create_loader
 from data_pipeline.shard import shard_datasets
 from launch.errors import UserError
 
-# (row name, backend, augment_ops)
-BACKENDS = (("dali-cpu", "dali", "auto"), ("dali-cpu-ops", "dali", "dali"), ("torch", "torch", "auto"))
+# (row name, backend, augment_ops, device)
+BACKENDS = (("dali-cpu", "dali", "auto", "cpu"), ("dali-cpu-ops", "dali", "dali", "cpu"), ("torch", "torch", "auto", "cpu"))
+# --gpu: DALI's production path, `mixed` (nvJPEG) decode and its augmentation operators on the GPU.
+GPU_BACKENDS = (("dali-gpu", "dali", "dali", "gpu"),)
 
 
 def _rate(cfg: DataConfig, train: bool, batches: int) -> float:
@@ -42,28 +44,35 @@ def _rate(cfg: DataConfig, train: bool, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def _configs(shards: Path, batch: int):
+def _configs(shards: Path, batch: int, gpu: bool = False):
     for size in (112, 224):
-        for name, backend, ops in BACKENDS:
+        for name, backend, ops, device in BACKENDS + (GPU_BACKENDS if gpu else ()):
             for train in (True, False):
-                if ops == "dali" and not train:
-                    continue  # without augmentation the two DALI rows are the same pipeline
+                if ops == "dali" and not train and device == "cpu":
+                    continue  # without augmentation the two DALI CPU rows are the same pipeline
                 cfg = DataConfig()
                 cfg.loader.shards, cfg.loader.backend, cfg.loader.augment_ops = str(shards), backend, ops
+                cfg.loader.device = device
                 cfg.loader.image_size, cfg.loader.batch_size = size, batch
                 yield {"backend": name, "size": size, "augment": "default" if train else "none"}, cfg, train
 
 
-def run(src: Path, shards: Path | None = None, images: int = 2400, batch: int = 64, rounds: int = 3) -> dict:
+def run(src: Path, shards: Path | None = None, images: int = 2400, batch: int = 64, rounds: int = 3,
+        gpu: bool = False) -> dict:
     if rounds < 1:
         raise UserError(f"--rounds {rounds}: at least 1")
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA device visible")
     with tempfile.TemporaryDirectory(prefix="agescale-bench-") as tmp:
         if shards is None:
             if not src.is_dir():
                 raise UserError(f"--src {src}: no such folder")
             shards = Path(tmp) / "shards"
             shard_datasets([("utkface", src)], shards, DataConfig().model_copy(deep=True))
-        configs = list(_configs(shards, batch))
+        configs = list(_configs(shards, batch, gpu))
         runs = [[] for _ in configs]
         for _ in range(rounds):
             for i, (_, cfg, train) in enumerate(configs):
@@ -78,4 +87,6 @@ def run(src: Path, shards: Path | None = None, images: int = 2400, batch: int = 
             "meets_augment_target": aug >= 0.8,
             "fused_kernel_vs_dali_operators": round(get[("dali-cpu", 112, "default")]
                                                     / get[("dali-cpu-ops", 112, "default")], 3),
+            **({"gpu_vs_dali_cpu": round(get[("dali-gpu", 112, "default")] / get[("dali-cpu", 112, "default")], 3)}
+               if gpu else {}),
             "machine": machine()}

@@ -202,7 +202,7 @@ def cmd_bench_shard(args: argparse.Namespace) -> int:
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     from bench.loader import run
 
-    return _emit(run(args.src, shards=args.shards, images=args.images, rounds=args.rounds), args.out)
+    return _emit(run(args.src, shards=args.shards, images=args.images, rounds=args.rounds, gpu=args.gpu), args.out)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=2400, help="images timed per measurement")
     b.add_argument("--rounds", type=int, default=3, help="measurements per configuration, interleaved; the median "
                                                          "is reported")
+    b.add_argument("--gpu", action="store_true", help="add the GPU rows: DALI mixed decode + its augmentation "
+                                                      "operators on CUDA (needs a GPU)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_loader)
     b = bsub.add_parser("train", help="trainer step time vs a bare PyTorch loop (synthetic data)",
