@@ -22,11 +22,11 @@ import time
 from itertools import islice
 from pathlib import Path
 
+from base.errors import UserError
 from bench.common import machine
 from data_pipeline.config import DataConfig
 from data_pipeline.loaders import create_loader
 from data_pipeline.shard import shard_datasets
-from launch.errors import UserError
 
 # (row name, backend, augment_ops, device)
 BACKENDS = (("dali-cpu", "dali", "auto", "cpu"), ("dali-cpu-ops", "dali", "dali", "cpu"), ("torch", "torch", "auto", "cpu"))

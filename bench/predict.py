@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base.errors import UserError
 from bench.common import machine
-from launch.errors import UserError
 from serving.predict import Predictor, expand
 from trainer.export import ServingModel
 from trainer.models import create_model
@@ -27,10 +27,11 @@ def _rate(fn, batch: np.ndarray, seconds: float = 3.0) -> float:
 
 
 def run(bundle: Path, images: Path) -> dict:
+    import json
+
     from safetensors.torch import load_file
 
-    from launch.config import Config
-    import json
+    from trainer.run_config import Config
 
     if not (bundle / "model.onnx").exists():
         raise UserError(f"{bundle}: no model.onnx")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from base.errors import UserError
 from bench.common import best_of, machine
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets.files import image_files
 from data_pipeline.shard import shard_datasets
-from launch.errors import UserError
 
 
 def _decode(path: Path) -> tuple[int, int]:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
+from base.errors import UserError
 from bench.common import machine
-from launch.config import load_config
-from launch.errors import UserError
 from trainer.losses import multitask_loss
 from trainer.models import create_model
+from trainer.run_config import load_config
 from trainer.schedule import make_optimizer
 
 WARMUP, LOG = 10, 10

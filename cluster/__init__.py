@@ -1,1 +1,2 @@
-"""Cluster launch helpers: SLURM templates, torchrun/SLURM environment (later issues)."""
+"""Cluster launch helpers: the torchrun/SLURM environment, SLURM job scripts, the local SLURM and the
+Ray cluster file."""

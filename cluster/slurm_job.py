@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import load_config
-from launch.errors import UserError
+from base.errors import UserError
+from trainer.run_config import load_config
 
 TEMPLATE = Path(__file__).parent / "slurm" / "job.sbatch.in"
 

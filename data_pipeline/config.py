@@ -6,15 +6,9 @@ import math
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class Strict(BaseModel):
-    """Config base: unknown keys are errors, values are validated on assignment too, and inf or
-    nan is never a valid number (lr=inf would otherwise train to the end and report nan)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
+from base.config import Strict
 
 SPLIT_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 

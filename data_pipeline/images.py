@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from launch.errors import UserError
-from launch.image_modes import to_rgb
+from base.errors import UserError
+from base.image_modes import to_rgb
 
 # Stored as they are when already 8-bit RGB or grey: DALI's and PIL's decoders read both the same.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}

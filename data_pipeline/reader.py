@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from base.errors import UserError
 from data_pipeline.images import to_rgb
 from data_pipeline.shard import LABELS_EXT, load_manifest
 from data_pipeline.tarshard import read_index
-from launch.errors import UserError
 
 IMAGE_EXTS = ("jpg", "png")
 

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from base.errors import UserError
+from base.paths import out_dir
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import create_dataset
 from data_pipeline.images import prepare_image
 from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin, age_bin_names, check_age, sample_key
 from data_pipeline.split import assign_splits, even_chunks, shard_count
 from data_pipeline.tarshard import ShardWriter
-from launch.errors import UserError
-from launch.paths import out_dir
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -321,7 +321,7 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
         "duplicates": [d for _, d in duplicates],
     }
     if resolved_config is not None:  # written as .partial too, so an interrupted run leaves only owned names
-        from launch.config import save_yaml
+        from base.config import save_yaml
         save_yaml(resolved_config, out / (CONFIG + PARTIAL))
         os.replace(out / (CONFIG + PARTIAL), out / CONFIG)
     tmp = out / (MANIFEST + PARTIAL)

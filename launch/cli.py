@@ -11,13 +11,13 @@ import os
 import sys
 from pathlib import Path
 
+from base.errors import UserError
+from base.paths import out_dir, out_file
 from launch import __version__
-from launch.errors import UserError
-from launch.paths import out_dir, out_file
 
 
 def _config(args: argparse.Namespace, extra: list[str] = ()):
-    from launch.config import load_config
+    from trainer.run_config import load_config
 
     return load_config(args.config, [*extra, *args.overrides])
 
@@ -31,9 +31,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- shard / verify / datasets
 
 def cmd_shard(args: argparse.Namespace) -> int:
+    from base.config import resolved
     from data_pipeline.config import parse_splits
     from data_pipeline.shard import shard_datasets
-    from launch.config import resolved
 
     if len(args.dataset) != len(args.src):
         raise UserError(f"give one --src per --dataset (got {len(args.dataset)} --dataset, {len(args.src)} --src)")
@@ -81,7 +81,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.config import load_config
+    from trainer.run_config import load_config
     from trainer.run_log import guard_run_dir
     from trainer.train import train
 

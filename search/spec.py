@@ -22,9 +22,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from data_pipeline.config import Strict
-from launch.config import Config, _explain, apply_override, load_config, parse_override, resolved
-from launch.errors import UserError
+from base.config import Strict, apply_override, explain, parse_override, resolved
+from base.errors import UserError
+from trainer.run_config import Config, load_config
 
 SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
 # Keys PBT may change while a run continues from a checkpoint (they keep the model's shape).
@@ -158,7 +158,7 @@ def _config_from(raw: dict, overrides: list[str], where: str, params: dict | Non
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{where}: " + _explain(e, lambda k: "config")) from None
+        raise UserError(f"{where}: " + explain(e, lambda k: "config", Config)) from None
 
 
 def _absolute_paths(cfg: Config) -> Config:

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from launch.config import resolved
-from launch.errors import UserError
+from base.config import resolved
+from base.errors import UserError
 from search.spec import SweepSpec, load_spec
 
 EXPERIMENT = "ray"

@@ -112,7 +112,7 @@ def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_work
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from launch.config import resolved
+    from base.config import resolved
 
     trainer = TorchTrainer(
         _train_worker,
@@ -131,7 +131,7 @@ def _train_worker(loop_config: dict) -> None:
     """One Ray Train worker: the process group and RANK/WORLD_SIZE come from Ray Train."""
     import ray.train
 
-    from launch.config import Config
+    from trainer.run_config import Config
 
     def report(metrics: dict, tag_dir: Path | None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tag_dir)) if tag_dir else None)

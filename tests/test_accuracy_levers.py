@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import SAMPLE, run_cli
 from data_pipeline.config import DataConfig, ProgressiveResize
 from data_pipeline.loaders import create_loader
-from launch.config import load_config
+from trainer.run_config import load_config
 from test_train import CONFIG, small, summary
 from trainer import calibration
 from trainer.config import ModelConfig
@@ -59,7 +59,7 @@ def test_conformal_interval_covers_90_percent_of_held_out_real_faces(ema_run, ut
     assert abs(covered - 0.90) <= 0.03, covered
     assert rule["n"] == len(fit_idx)
     # Too few faces for a 90 % quantile: refused, not silently capped.
-    from launch.errors import UserError
+    from base.errors import UserError
     with pytest.raises(UserError, match="at least 9 validation faces"):
         calibration.fit(pred[:5], age[:5], scale[:5])
 
@@ -199,7 +199,7 @@ def test_progressive_resize_loader_sizes_and_resume_mid_schedule(utk_shards, bac
 
 
 def test_progressive_resize_refused_for_swin():
-    from launch.errors import UserError
+    from base.errors import UserError
     with pytest.raises(UserError, match="progressive resizing needs a convolutional backbone"):
         load_config(CONFIG, ["model.backbone=swin_tiny_patch4_window7_224", "data.loader.progressive.start_size=48"])
 
@@ -214,6 +214,6 @@ def test_method_args_reach_the_method_and_bad_ones_are_named():
     smoothed = torch.nn.functional.cross_entropy(out, target, label_smoothing=0.1).item()
     assert m.label_smoothing == 0.1 and m.loss(out, age)["loss"].item() == pytest.approx(smoothed, abs=1e-5)
     assert smoothed != pytest.approx(torch.nn.functional.cross_entropy(out, target).item(), abs=1e-3)
-    from launch.errors import UserError
+    from base.errors import UserError
     with pytest.raises(UserError, match=r"model.method_args.sigmaa: not an option of method 'ldl'.*sigma"):
         load_config(CONFIG, ["model.method=ldl", "model.method_args={sigmaa: 3}"])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import load_config
-from launch.errors import UserError
+from trainer.run_config import load_config
+from base.errors import UserError
 
 from conftest import REPO
 

@@ -24,7 +24,7 @@ from conftest import run_cli
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import create_dataset
 from data_pipeline.datasets.utkface import parse_name
-from launch.image_modes import BACKGROUND, to_rgb
+from base.image_modes import BACKGROUND, to_rgb
 from data_pipeline.reader import ShardIndex
 from data_pipeline.records import FaceRecord, Rejected
 

@@ -9,7 +9,7 @@ from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import create_dataset, list_datasets
 from data_pipeline.datasets.utkface import parse_name
 from data_pipeline.records import FaceRecord, Rejected
-from launch.errors import UserError
+from base.errors import UserError
 
 
 def read(name, src, **cfg):

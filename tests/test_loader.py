@@ -14,7 +14,7 @@ from data_pipeline.augment import IDENTITY, draw_params
 from data_pipeline.config import AugmentPolicy, DataConfig
 from data_pipeline.loaders import create_loader
 from data_pipeline.reader import DataError, ShardIndex
-from launch.errors import UserError
+from base.errors import UserError
 
 
 def config(shards, backend="dali", batch=32, **loader) -> DataConfig:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.methods import create_method, list_methods
-from launch.errors import UserError
+from base.errors import UserError
 
 
 def test_registry():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from launch.errors import UserError
+from base.errors import UserError
 from trainer.config import ModelConfig
 from trainer.losses import multitask_loss
 from trainer.methods import create_method

@@ -1,1 +1,2 @@
-"""Models, age methods, metrics and the DeepSpeed training loop (later issues)."""
+"""Models, age methods, losses, metrics, the DeepSpeed training loop, evaluation and export; the
+run's whole config (`run_config.py`)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from launch.errors import UserError
+from base.errors import UserError
 
 CALIBRATION = "calibration.json"
 STD_FLOOR = 1.0  # years: keeps a near one-hot distribution from giving a zero-width interval

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from data_pipeline.config import Strict
+from base.config import Strict
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launch.errors import UserError
+from base.errors import UserError
 from trainer.config import TrainConfig
 
 

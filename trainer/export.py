@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from launch.config import resolved
+from base.config import resolved
 from trainer import calibration
 from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from launch.config import Config, load_config
-from launch.errors import UserError
+from base.errors import UserError
 from trainer import checkpoint
 from trainer.models import AgeModel, create_model
+from trainer.run_config import Config, load_config
 
 
 def run_dir_of(path: Path) -> Path:

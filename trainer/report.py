@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base.errors import UserError
 from data_pipeline.loaders import create_loader
-from launch.errors import UserError
 from data_pipeline.records import RACES
 from trainer import calibration
 from trainer.load import load_trained, run_dir_of

@@ -25,11 +25,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from base.config import resolved, save_yaml
+from base.errors import UserError
+from base.paths import out_dir
 from data_pipeline.shard import MANIFEST
-from launch.config import resolved, save_yaml
-from launch.errors import UserError
-from launch.paths import out_dir
-
 
 PREEMPTED = "preempted.json"
 

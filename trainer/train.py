@@ -22,19 +22,19 @@ from pathlib import Path
 
 import torch
 
+from base.errors import UserError
 from cluster.env import detect
 from data_pipeline.loaders import create_loader
 from data_pipeline.shard import MANIFEST
-from launch.errors import UserError
 from trainer import calibration, checkpoint
 from trainer.distributed import all_true, init
 from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
-from trainer.speed import compile_engine, make_ema, set_threads, to_channels_last
 from trainer.losses import multitask_loss
 from trainer.models import create_model
 from trainer.run_log import RunLog
 from trainer.schedule import make_optimizer, make_schedule
+from trainer.speed import compile_engine, make_ema, set_threads, to_channels_last
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again with --resume
 

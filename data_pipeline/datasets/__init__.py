@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from base.errors import UserError
 from data_pipeline.config import IngestConfig
 from data_pipeline.records import FaceRecord, Rejected
-from launch.errors import UserError
 
 Reader = Callable[[Path, IngestConfig], Iterator[FaceRecord | Rejected]]
 

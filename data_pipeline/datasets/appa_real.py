@@ -15,11 +15,11 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+from base.errors import UserError
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import register_dataset
 from data_pipeline.datasets.files import parse_gender, read_text
 from data_pipeline.records import FaceRecord, Rejected
-from launch.errors import UserError
 
 SOURCE = "appa_real"
 SPLITS = ("train", "valid", "test")

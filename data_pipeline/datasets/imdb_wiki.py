@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from base.errors import UserError
 from data_pipeline.config import IngestConfig
 from data_pipeline.datasets import register_dataset
 from data_pipeline.records import FaceRecord, Rejected
-from launch.errors import UserError
 
 SOURCE = "imdb_wiki"
 

@@ -11,10 +11,10 @@ tensors of the right shape, for measuring compute alone).
 
 from __future__ import annotations
 
+from base.errors import UserError
 from data_pipeline.config import DataConfig
 from data_pipeline.loaders.base import Loader
 from data_pipeline.reader import ShardIndex
-from launch.errors import UserError
 
 
 def create_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0,

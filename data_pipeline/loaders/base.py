@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from base.errors import UserError
 from data_pipeline.augment import draw_params
 from data_pipeline.config import LoaderConfig
 from data_pipeline.plan import RankPlan, epoch_order, rank_plan
 from data_pipeline.reader import ShardIndex
-from launch.errors import UserError
 
 
 class Loader:

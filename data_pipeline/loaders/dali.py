@@ -30,7 +30,7 @@ class DaliLoader(Loader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.cfg.device == "gpu" and not torch.cuda.is_available():
-            from launch.errors import UserError
+            from base.errors import UserError
             raise UserError("data.loader.device=gpu but no CUDA device is visible; use data.loader.device=cpu")
         self._pipe, self._pipe_size = None, None
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from base.errors import UserError
 
 
 class AgeMethod:

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from launch.errors import UserError
+from base.errors import UserError
 
 
 def create_backbone(name: str, image_size: int, weights: str = "scratch", drop_rate: float = 0.0) -> nn.Module:

@@ -1,35 +1,28 @@
-"""Run config: YAML file(s) → typed schema, with `a.b=value` overrides from the command line.
-
-The schema is composed from each component's own config (torchtitan-style): data_pipeline owns
-`data`, the trainer will own `model` and `train`. Unknown keys, wrong types and out-of-range
-values are UserErrors that name the key and where it came from (the file or the command line).
+"""Config I/O for any schema: YAML file(s) → typed schema, with `a.b=value` overrides from the
+command line. Unknown keys, wrong types and out-of-range values are UserErrors that name the key
+and where it came from (the file or the command line). The schema itself is composed by the
+stages (torchtitan-style: each owns its section; trainer/run_config.py joins them).
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from data_pipeline.config import DataConfig, Strict
-from launch.errors import UserError
-from trainer.config import ModelConfig, TrainConfig
+from base.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
 
 
-class Config(Strict):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+class Strict(BaseModel):
+    """Config base: unknown keys are errors, values are validated on assignment too, and inf or
+    nan is never a valid number (lr=inf would otherwise train to the end and report nan)."""
 
-    @model_validator(mode="after")
-    def _across_sections(self) -> "Config":
-        if self.data.loader.progressive.start_size is not None and self.model.backbone.startswith("swin"):
-            raise ValueError(f"data.loader.progressive.start_size with model.backbone={self.model.backbone}: Swin is "
-                             "built for one input size; progressive resizing needs a convolutional backbone")
-        return self
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -55,8 +48,8 @@ def apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
     node[path[-1]] = value
 
 
-def _known_fields(loc: tuple) -> list[str]:
-    model: type[BaseModel] | None = Config
+def _known_fields(schema: type[BaseModel], loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = schema
     for part in loc:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
@@ -64,14 +57,15 @@ def _known_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _explain(err: ValidationError, origin_of) -> str:
+def explain(err: ValidationError, origin_of, schema: type[BaseModel]) -> str:
+    """One line per validation error, naming the key, where it came from, and a close known key."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
         where = origin_of(key)
         if e["type"] == "extra_forbidden":
-            known = _known_fields(loc[:-1])
+            known = _known_fields(schema, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?)" if close else \
                 f" (known keys here: {', '.join(known)})" if known else ""
@@ -82,8 +76,8 @@ def _explain(err: ValidationError, origin_of) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then the overrides, validated together."""
+def load(schema: type[M], path: Path | None, overrides: list[str] = ()) -> M:
+    """`schema`'s defaults, then the YAML file (if any), then the overrides, validated together."""
     raw: dict = {}
     source = "defaults"
     if path is not None:
@@ -109,14 +103,14 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> Config:
         return f"command-line override {hit!r}" if hit else source
 
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_explain(e, origin_of)) from None
+        raise UserError(explain(e, origin_of, schema)) from None
 
 
 def save_yaml(data: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def resolved(cfg: Config) -> dict:
+def resolved(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")

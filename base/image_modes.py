@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from launch.errors import UserError
+from base.errors import UserError
 
 # Transparent pixels are composited onto this fixed background (white), not dropped to black.
 BACKGROUND = (255, 255, 255)

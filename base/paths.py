@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from launch.errors import UserError
+from base.errors import UserError
 
 
 def _nearest_existing(path: Path, label: str) -> Path:
