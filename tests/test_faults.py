@@ -10,6 +10,25 @@ from conftest import REPO, SAMPLE, run_cli
 CONFIG = REPO / "configs" / "experiments" / "demo_cpu.yaml"
 
 
+@pytest.fixture(scope="module")
+def base_run(utk_shards, tmp_path_factory):
+    """One finished 12-step run (checkpoints of step 8 and 12 kept), trained once; each test
+    damages its own copy (see `copy_of`)."""
+    from test_train import small
+
+    run = tmp_path_factory.mktemp("faults") / "base"
+    run_cli("train", CONFIG, *small(utk_shards, run), check=True)
+    return run
+
+
+def copy_of(base_run, dst):
+    import shutil
+
+    shutil.copytree(base_run, dst)
+    (dst / "summary.json").unlink()
+    return dst
+
+
 @pytest.mark.parametrize("override", ["train.optimizer.lr=inf", "train.optimizer.weight_decay=.inf",
                                       "train.optimizer.lr=nan", "data.loader.augment.rotation=nan"])
 def test_non_finite_config_numbers_are_refused_at_load_time(override, tmp_path):
@@ -28,31 +47,28 @@ def test_predict_batch_size_must_be_positive(value, tmp_path):
     assert r.stdout == ""
 
 
-def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(utk_shards, tmp_path):
+def test_a_diverging_run_stops_with_an_error_and_keeps_its_checkpoint(utk_shards, base_run, tmp_path):
     from test_train import small
 
-    run = tmp_path / "run"
-    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 4}), check=True)
-    before = (run / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt").read_bytes()
-    (run / "summary.json").unlink()
+    run = copy_of(base_run, tmp_path / "run")
+    before = (run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt").read_bytes()
     # A loss weight that makes every loss overflow to inf: the resumed run must not apply it.
-    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 12, "model.age_weight": 1e38,
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 20, "model.age_weight": 1e38,
                                                             "train.max_nonfinite_steps": 3}), "--resume")
     assert r.returncode == 2, r.stderr[-2000:]
     msg = [l for l in r.stderr.splitlines() if l.startswith("agescale: error:")]
-    assert len(msg) == 1 and "training diverged" in msg[0] and "3 consecutive batches after step 4" in msg[0]
-    assert "step00000004" in msg[0]
-    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step00000004"
-    assert (run / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt").read_bytes() == before
+    assert len(msg) == 1 and "training diverged" in msg[0] and "3 consecutive batches after step 12" in msg[0]
+    assert "step00000012" in msg[0]
+    assert (run / "checkpoints" / "LATEST").read_text().strip() == "step00000012"
+    assert (run / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt").read_bytes() == before
     assert not (run / "summary.json").exists()
 
 
-def test_an_existing_run_is_never_trained_over_without_resume_or_overwrite(utk_shards, tmp_path):
+def test_an_existing_run_is_never_trained_over_without_resume_or_overwrite(utk_shards, base_run, tmp_path):
     from test_train import small
 
-    run = tmp_path / "run"
+    run = copy_of(base_run, tmp_path / "run")
     args = small(utk_shards, run, **{"train.max_steps": 4})
-    run_cli("train", CONFIG, *args, check=True)
     (run / "notes.txt").write_text("mine")                                 # not a run file: always kept
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     r = run_cli("train", CONFIG, *args)
@@ -66,26 +82,20 @@ def test_an_existing_run_is_never_trained_over_without_resume_or_overwrite(utk_s
     assert (run / "notes.txt").read_text() == "mine"
 
 
-def test_resume_takes_the_newest_intact_checkpoint_and_says_why(utk_shards, tmp_path):
+def test_resume_takes_the_newest_intact_checkpoint_and_says_why(utk_shards, base_run, tmp_path):
+    """A damaged LATEST; a truncated newest checkpoint is in the next test."""
     import json
-    import shutil
 
     from test_train import small
 
-    base = tmp_path / "base"
-    run_cli("train", CONFIG, *small(utk_shards, base), check=True)          # checkpoints step 8 and 12 kept
     cases = {
         "garbage_latest": (lambda r: (r / "checkpoints" / "LATEST").write_bytes(b"\x00garbage\xff"),
                            "step00000012", "LATEST"),
         "dangling_latest": (lambda r: (r / "checkpoints" / "LATEST").write_text("step00000004\n"),
                             "step00000012", "step00000004"),
-        "truncated_newest": (lambda r: _truncate(r / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt"),
-                             "step00000008", "step00000012/mp_rank_00_model_states.pt"),
     }
     for name, (damage, expect, named) in cases.items():
-        run = tmp_path / name
-        shutil.copytree(base, run)
-        (run / "summary.json").unlink()
+        run = copy_of(base_run, tmp_path / name)
         damage(run)
         r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 16}), "--resume")
         assert r.returncode == 0, (name, r.stderr[-2000:])
@@ -104,14 +114,14 @@ def _tree(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_resume_deletes_only_its_own_checkpoints_and_metrics_read_as_one_run(utk_shards, tmp_path):
+def test_resume_deletes_only_its_own_checkpoints_and_metrics_read_as_one_run(utk_shards, base_run, tmp_path):
     import json
     import shutil
 
     from test_train import small
 
     run = tmp_path / "run"
-    run_cli("train", CONFIG, *small(utk_shards, run), check=True)            # step 8 and 12 kept
+    shutil.copytree(base_run, run)                                           # step 8 and 12 kept
     ckpts = run / "checkpoints"
     foreign = ckpts / "step00000002"                                         # another run's checkpoint
     shutil.copytree(ckpts / "step00000008", foreign)
@@ -126,6 +136,8 @@ def test_resume_deletes_only_its_own_checkpoints_and_metrics_read_as_one_run(utk
     r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 20}), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "set aside" in r.stderr and "moved to" in r.stderr
+    assert "skipped step00000012" in r.stderr and "step00000012/mp_rank_00_model_states.pt" in r.stderr
+    assert json.loads((run / "run.json").read_text())["starts"][-1]["resumed_from"] == "step00000008"
     assert _tree(foreign) == foreign_before                                  # not this run's: untouched
     assert _tree(ckpts / "set_aside" / "step00000012") == damaged_before      # moved aside, not deleted
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002", "step00000016", "step00000020"]
@@ -141,20 +153,19 @@ def test_resume_deletes_only_its_own_checkpoints_and_metrics_read_as_one_run(utk
     assert len(moved) > 0
 
 
-def test_resume_with_another_architecture_names_what_differs(utk_shards, tmp_path):
+def test_resume_with_another_architecture_names_what_differs(utk_shards, base_run, tmp_path):
     from test_train import small
 
-    run = tmp_path / "run"
-    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 4}), check=True)
+    run = copy_of(base_run, tmp_path / "run")
     before = _tree(run)
-    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8, "model.backbone": "resnet34"}),
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 16, "model.backbone": "resnet34"}),
                 "--resume")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = [l for l in r.stderr.splitlines() if l.startswith("agescale: error:")]
-    assert len(line) == 1 and "step00000004" in line[0] and "model.backbone: 'resnet18' -> 'resnet34'" in line[0]
+    assert len(line) == 1 and "step00000012" in line[0] and "model.backbone: 'resnet18' -> 'resnet34'" in line[0]
     assert _tree(run) == before                                              # nothing written or moved
     # A change that keeps every tensor's shape (dropout) resumes.
-    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8, "model.drop_rate": 0.1}),
+    r = run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 16, "model.drop_rate": 0.1}),
                 "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
 

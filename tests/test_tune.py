@@ -217,7 +217,7 @@ def test_pbt_copies_a_better_trial_and_perturbs_its_config(utk_shards, tmp_path)
                       scheduler={"name": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5,
                                  "synch": True})
     spec_raw = yaml.safe_load(spec.read_text())
-    spec_raw["overrides"]["train.max_steps"] = 32
+    spec_raw["overrides"]["train.max_steps"] = 20  # 5 rounds: perturbations after rounds 2 and 4
     spec.write_text(yaml.safe_dump(spec_raw))
     r = tune(spec, "--out", tmp_path / "out", home=tmp_path / "home")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
