@@ -10,9 +10,7 @@ SIGTERM or SIGUSR1 (SLURM preemption, time limit) → a checkpoint, then exit co
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -25,7 +23,7 @@ import torch
 from base.errors import UserError
 from cluster.env import detect
 from data_pipeline.loaders import create_loader
-from data_pipeline.shard import MANIFEST
+from data_pipeline.shard import MANIFEST, load_manifest
 from trainer import calibration, checkpoint
 from trainer.distributed import all_true, init
 from trainer.ds_config import deepspeed_config
@@ -61,10 +59,7 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 def _check_splits(shards: Path, need: tuple[str, ...]) -> None:
     """Every split the run will read, checked before any compute (the test split is read only
     after the last step, hours in)."""
-    try:
-        have = json.loads((shards / MANIFEST).read_text())["splits"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{shards / MANIFEST}: unreadable or without 'splits' ({type(e).__name__})") from None
+    have = load_manifest(shards)["splits"]
     empty = [s for s in need if not have.get(s, {}).get("count")]
     if empty:
         hint = " (or train.test_at_end=false)" if "test" in empty else ""
