@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from base.errors import UserError
 from data_pipeline.images import to_rgb
-from data_pipeline.shard import LABELS_EXT, load_manifest
+from data_pipeline.shard import BODY_PREFIX, LABELS_EXT, load_manifest
 from data_pipeline.tarshard import read_index
 
 IMAGE_EXTS = ("jpg", "png")
@@ -40,6 +40,7 @@ class SampleRef:
     key: str
     image: tuple[int, int]   # offset, size
     labels: tuple[int, int]
+    body: tuple[int, int] | None = None  # the optional second crop
 
 
 class ShardIndex:
@@ -71,7 +72,9 @@ class ShardIndex:
                 ext = next((e for e in IMAGE_EXTS if e in comps), None)
                 if ext is None or LABELS_EXT not in comps:
                     raise DataError(f"{idx}: sample {key} lacks an image or {LABELS_EXT}")
-                self.samples.append(SampleRef(sid, key, comps[ext], comps[LABELS_EXT]))
+                body = next((comps[BODY_PREFIX + e] for e in IMAGE_EXTS if BODY_PREFIX + e in comps), None)
+                self.samples.append(SampleRef(sid, key, comps[ext], comps[LABELS_EXT], body))
+        self.has_body = any(s.body is not None for s in self.samples)
         self._labels = np.stack([self._read_labels(i) for i in range(len(self.samples))]) if self.samples \
             else np.zeros((0, 3), "<f4")
 
@@ -102,20 +105,25 @@ class ShardIndex:
     def _read_labels(self, i: int) -> np.ndarray:
         return np.frombuffer(self._slice(i, self.samples[i].labels), dtype="<f4")
 
-    def image_bytes(self, i: int) -> bytes:
-        return self._slice(i, self.samples[i].image)
+    def image_bytes(self, i: int, body: bool = False) -> bytes | None:
+        """The face image's bytes, or (`body`) the second crop's; None for a sample without one."""
+        span = self.samples[i].body if body else self.samples[i].image
+        return None if span is None else self._slice(i, span)
 
-    def decode(self, i: int) -> Image.Image:
-        """Sample i as an RGB PIL image (EXIF orientation applied, as DALI does); DataError
-        naming the shard and key if it cannot be decoded."""
-        data = self.image_bytes(i)
+    def decode(self, i: int, body: bool = False) -> Image.Image | None:
+        """Sample i (or its body crop; None without one) as an RGB PIL image (EXIF orientation
+        applied, as DALI does); DataError naming the shard and key if it cannot be decoded."""
+        data = self.image_bytes(i, body)
+        if data is None:
+            return None
         try:
             with Image.open(io.BytesIO(data)) as im:
-                return to_rgb(ImageOps.exif_transpose(im), self.where(i))
+                return to_rgb(ImageOps.exif_transpose(im), self.where(i) + (" (body crop)" if body else ""))
         except UserError as e:  # an image mode to_rgb refuses; the message names the sample
             raise DataError(str(e)) from None
         except Exception as e:  # PIL raises many types for bad data
-            raise DataError(f"{self.where(i)}: undecodable image ({type(e).__name__}: {e})") from None
+            what = "body crop" if body else "image"
+            raise DataError(f"{self.where(i)}: undecodable {what} ({type(e).__name__}: {e})") from None
 
     def labels(self, idx: np.ndarray) -> np.ndarray:
         """(n, 3) float32: age, gender (-1 unknown), race (-1 unknown)."""

@@ -25,6 +25,7 @@ class FaceRecord:
     gender: int | None = None
     race: int | None = None
     subject: str | None = None
+    body: Path | bytes | None = None  # an optional second crop of the same person (MiVOLO's body input)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ Each sample in a tar has three components:
   <key>.labels.f32     3 little-endian float32: age in years, gender (0 male, 1 female, -1 unknown),
                        race (UTKFace codes 0-4, -1 unknown); DALI reads it as FLOAT, no JSON needed
   <key>.json           every label and the provenance, for people and the PyTorch loader
+  <key>.body.jpg       (optional, .body.png likewise) a second crop of the same person, e.g. the body
+                       crop MiVOLO reads; the loaders return it as batch["body"] (zeros where absent)
 The tars are byte-identical for the same inputs and seed (fixed mtime, owner and order).
 
 Inputs with the same content (sha256 of the file bytes) are stored once, whichever dataset or
@@ -45,6 +47,7 @@ CONFIG = "config.yaml"
 PARTIAL = ".partial"  # suffix of every file being written; renamed when complete
 FORMAT_VERSION = 1
 LABELS_EXT = "labels.f32"
+BODY_PREFIX = "body."  # the optional second crop: <key>.body.jpg / <key>.body.png
 LABEL_FORMAT = {
     "component": LABELS_EXT,
     "dtype": "float32 little-endian",
@@ -204,6 +207,7 @@ def _stats(members: Sequence[tuple[str, FaceRecord]], cfg: DataConfig) -> dict:
         "race": {RACES.get(k, "unknown"): v for k, v in sorted(Counter(
             -1 if r.race is None else r.race for _, r in members).items())},
         "sources": dict(sorted(Counter(r.source for _, r in members).items())),
+        "with_body": sum(r.body is not None for _, r in members),
     }
 
 
@@ -234,12 +238,20 @@ def write_shard(job: ShardJob) -> ShardOutcome:
             if not img.ok:
                 rejected.append(Rejected(rec.source, rec.original_id, img.reason))
                 continue
+            body = prepare_image(rec.body, job.max_side, job.jpeg_quality) if rec.body is not None else None
+            if body is not None and not body.ok:
+                rejected.append(Rejected(rec.source, rec.original_id, f"body crop {rec.body}: {body.reason}"))
+                continue
             kept.append((key, rec))
             meta = {"key": key, "age": rec.age, "gender": rec.gender, "race": rec.race, "subject": rec.subject,
                     "source": rec.source, "original_id": rec.original_id, "split": job.split,
                     "width": img.width, "height": img.height}
-            writer.write(key, {img.ext: img.data, LABELS_EXT: label_vector(rec),
-                               "json": json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()})
+            parts = {img.ext: img.data, LABELS_EXT: label_vector(rec)}
+            if body is not None:
+                parts[f"{BODY_PREFIX}{body.ext}"] = body.data
+                meta["body"] = {"width": body.width, "height": body.height}
+            parts["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+            writer.write(key, parts)
     if not writer.keys:  # leave no empty tar behind
         writer.tar_path.unlink()
         writer.idx_path.unlink()

@@ -11,6 +11,14 @@ typo in a key or a value outside the trainer's range fails in a second, naming t
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
     num_samples: 1                         # times the grid is repeated (random keys drawn anew)
     resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0}
+
+A grid over *bundles* of keys (a model family changes its architecture, backbone and method at
+once) is `variants`: named sets of dotted overrides, one trial per name, crossed with `space`
+(which may then be empty); the trial's `variant` column names it.
+
+    variants:
+      ldl: {model.method: ldl}
+      mivolo: {model.architecture: mivolo, model.backbone: volo_d1_224, model.method: l2_range}
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ class RayOptions(Strict):
 class SweepSpec(Strict):
     base: str | dict = Field(..., description="a run config file (relative to the spec) or an inline mapping")
     overrides: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, dict[str, Any]] = Field(..., min_length=1)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict, description="named bundles of dotted "
+                                                "overrides: one trial per name, crossed with space")
     scheduler: Scheduler = Field(default_factory=Scheduler)
     num_samples: int = Field(1, ge=1)
     metric: Literal["val_mae"] = "val_mae"
@@ -74,6 +84,13 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _samplers(self) -> "SweepSpec":
+        if not self.space and not self.variants:
+            raise ValueError("space: give at least one key to search (or variants)")
+        if "variant" in self.space:
+            raise ValueError("space.variant: the name is reserved for `variants`")
+        for name, bundle in self.variants.items():
+            if not isinstance(bundle, dict) or not bundle:
+                raise ValueError(f"variants.{name}: a mapping of dotted keys to values is needed, got {bundle!r}")
         for key, sampler in self.space.items():
             if len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
                 raise ValueError(f"space.{key}: give exactly one sampler of {', '.join(SAMPLERS)}, "
@@ -89,7 +106,8 @@ class SweepSpec(Strict):
             if kind == "loguniform" and args[0] <= 0:
                 raise ValueError(f"space.{key}.loguniform: low must be > 0, got {args[0]}")
         if self.scheduler.name == "pbt":
-            bad = [k for k in self.space if not k.startswith(PBT_MUTABLE)]
+            bad = [k for k in [*self.space, *(k for b in self.variants.values() for k in b)]
+                   if not k.startswith(PBT_MUTABLE)]
             if bad:
                 raise ValueError(f"scheduler pbt changes keys while a run continues from a checkpoint; "
                                  f"{', '.join(bad)} cannot change then (allowed: {', '.join(PBT_MUTABLE)}...)")
@@ -134,6 +152,8 @@ def load_spec(path: Path, extra_overrides: list[str] = ()) -> tuple[SweepSpec, C
     for assignment in spec.values_to_check():
         key, value = next(iter(assignment.items()))
         _config_from(resolved(base), [], f"{path}: space.{key} value {value!r}", {key: value})
+    for name, bundle in spec.variants.items():  # checked as a whole: a family's keys only fit together
+        _config_from(resolved(base), [], f"{path}: variants.{name}", bundle)
     return spec, base
 
 
@@ -172,6 +192,10 @@ def _absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
-def trial_config(base: dict, params: dict[str, Any], run_dir: Path) -> Config:
-    """The base config with one trial's sampled values and its own run directory."""
-    return _config_from(copy.deepcopy(base), [], "trial config", {**params, "train.run_dir": str(run_dir)})
+def trial_config(base: dict, params: dict[str, Any], run_dir: Path,
+                 variants: dict[str, dict[str, Any]] | None = None) -> Config:
+    """The base config with one trial's variant, its sampled values and its own run directory."""
+    params = dict(params)
+    bundle = (variants or {})[params.pop("variant")] if "variant" in params else {}
+    return _config_from(copy.deepcopy(base), [], "trial config",
+                        {**bundle, **params, "train.run_dir": str(run_dir)})

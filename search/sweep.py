@@ -62,7 +62,7 @@ def _trainable(spec: SweepSpec, base: dict, out: Path):
     every = spec.scheduler.perturbation_interval if spec.scheduler.name == "pbt" else 1
     fn = tune.with_parameters(run_trial, base=base, out=str(out), workers=r.workers,
                               cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                              checkpoint_every=every)
+                              checkpoint_every=every, variants=spec.variants)
     if r.workers == 1:
         return tune.with_resources(fn, {"cpu": r.cpus_per_worker, "gpu": r.gpus_per_worker})
     # The trial is only a driver; its Ray Train workers ask for their own resources. Tune needs a
@@ -124,6 +124,8 @@ def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
     _ray_env()
     _start_ray(spec)
     space = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items()}
+    if spec.variants:
+        space["variant"] = tune.grid_search(list(spec.variants))
     tuner = tune.Tuner(
         _trainable(spec, base_raw, out), param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,

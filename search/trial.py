@@ -77,7 +77,7 @@ def _run(cfg, trial_id: str, report) -> dict:
 
 
 def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_worker: float,
-              gpus_per_worker: float, checkpoint_every: int = 1) -> None:
+              gpus_per_worker: float, checkpoint_every: int = 1, variants: dict | None = None) -> None:
     """The Tune trainable (a function trainable; `params` are the sampled dotted keys). A Tune
     checkpoint goes with every `checkpoint_every`-th validation round (PBT: its perturbation
     interval, so a checkpoint it is about to copy is not rotated away by newer ones first)."""
@@ -89,7 +89,7 @@ def run_trial(params: dict, *, base: dict, out: str, workers: int, cpus_per_work
     run_dir = trial_dir(out, trial_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.json").write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
-    cfg = trial_config(base, params, run_dir)
+    cfg = trial_config(base, params, run_dir, variants)
     if cfg.data.loader.workers is None:  # "all cores" would oversubscribe the trial's share
         cfg.data.loader.workers = max(1, int(cpus_per_worker))
 

@@ -55,3 +55,16 @@ def utk_shards_copy(utk_shards, tmp_path) -> Path:
     dst = tmp_path / "shards"
     shutil.copytree(utk_shards, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def batch64(utk_shards):
+    """64 real faces from the real loader (DALI CPU, eval transform) at 64 px: the overfit tests' batch."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loaders import create_loader
+
+    cfg = DataConfig()
+    cfg.loader.shards, cfg.loader.image_size, cfg.loader.batch_size = str(utk_shards), 64, 64
+    b = next(iter(create_loader(cfg, "val")))
+    assert b["valid"].all() and b["age"].std() > 10  # a real spread of ages
+    return b

@@ -1,6 +1,5 @@
 """Config loading: typed schema, dotted overrides, one-line errors naming key and origin."""
 
-from pathlib import Path
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Dataset adapters, each on a small fixture in the dataset's real on-disk format."""
 
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,7 @@ from base.errors import UserError
 
 def test_registry():
     assert {m.name for m in list_methods()} == {"l1", "l2", "smooth_l1", "dex", "coral", "mean_variance",
-                                                 "mean_residue", "ldl", "drf"}
+                                                 "mean_residue", "ldl", "drf", "l2_range", "gaussian_blend"}
     with pytest.raises(UserError, match="unknown age method 'dldl'"):
         create_method("dldl")
 
@@ -22,6 +22,23 @@ def test_regression_losses():
     assert create_method("l1").loss(out, age)["loss"].item() == pytest.approx(2.5)
     assert create_method("l2").loss(out, age)["loss"].item() == pytest.approx(12.5)
     assert create_method("smooth_l1").loss(out, age)["loss"].item() == pytest.approx(2.25)
+
+
+def test_mivolo_range_target_and_swinface_blend():
+    m = create_method("l2_range", min_age=0, max_age=100)
+    out, age = torch.tensor([[0.1], [-0.2]]), torch.tensor([70.0, 30.0])   # predictions 60 and 30
+    assert m.predict(out).tolist() == pytest.approx([60.0, 30.0])
+    assert m.loss(out, age)["loss"].item() == pytest.approx((0.1 ** 2 + 0.0) / 2)  # in normalised units
+    g = create_method("gaussian_blend", sigma=5.0, blend_until=0.5)
+    out, age = torch.tensor([[0.5]]), torch.tensor([35.0])                  # prediction 45: error 10
+    g.set_progress(0.0)
+    assert g.loss(out, age)["loss"].item() == pytest.approx(0.25)           # (10 / 20)^2
+    g.set_progress(0.25)                                                     # half-way through the blend
+    assert g.loss(out, age)["loss"].item() == pytest.approx(0.5 * 0.25 + 0.5 * (1 - math.exp(-2)))
+    g.set_progress(0.9)                                                      # blend done: bounded by 1
+    assert g.loss(torch.tensor([[5.0]]), age)["loss"].item() == pytest.approx(1.0)
+    with pytest.raises(UserError, match="blend_until=0"):
+        create_method("gaussian_blend", blend_until=0)
 
 
 def test_dex_is_the_softmax_expectation():

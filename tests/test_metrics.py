@@ -35,6 +35,21 @@ def test_hand_computed_values():
     assert r["mae_by_gender"] == pytest.approx({"male": 6.0, "female": 13 / 3})
 
 
+def test_worst_race_within_age_groups():
+    # 20s: white errs 1, black errs 3 -> worst 3; 30s: white 2, asian 4 -> worst 4; 40s: white only
+    # (no comparison); 50s: black 5 faces, white 4 (under 5, left out) -> one race, no comparison.
+    cells = [(25, 0, 1), (25, 1, 3), (35, 0, 2), (35, 2, 4), (45, 0, 9)]
+    age = torch.tensor([float(a) for a, _, _ in cells for _ in range(5)] + [55.0] * 9)
+    race = torch.tensor([r for _, r, _ in cells for _ in range(5)] + [1] * 5 + [0] * 4)
+    pred = age + torch.tensor([float(e) for _, _, e in cells for _ in range(5)] + [7.0] * 9)
+    m = AgeMetrics()
+    m.update(pred, age, race=race)
+    assert m.compute()["worst_race_mae_in_age_groups"] == pytest.approx((10 * 3 + 10 * 4) / 20)
+    single = AgeMetrics()
+    single.update(pred[:5], age[:5], race=race[:5])
+    assert "worst_race_mae_in_age_groups" not in single.compute()
+
+
 def test_valid_mask_and_interval_coverage():
     m = AgeMetrics()
     ages = torch.arange(0.0, 101.0)

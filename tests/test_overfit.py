@@ -1,6 +1,6 @@
 """Every age method, with a ResNet-18 at 64 px on the CPU, overfits 64 real UTKFace images.
 
-The batch comes from the real loader (DALI CPU, eval transform) over the shared shards; a
+The batch (conftest's `batch64`) comes from the real loader (DALI CPU, eval transform) over the shared shards; a
 method passes when its training MAE on those 64 images drops below 3 years within the
 step budget. Takes ~20-30 s per method on 2 cores.
 """
@@ -10,23 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from data_pipeline.config import DataConfig
-from data_pipeline.loaders import create_loader
 from trainer.config import ModelConfig
 from trainer.losses import multitask_loss
 from trainer.methods import list_methods
 from trainer.models import create_model
 
 MAX_STEPS, CHECK_EVERY, TARGET_MAE = 300, 25, 3.0
-
-
-@pytest.fixture(scope="module")
-def batch64(utk_shards):
-    cfg = DataConfig()
-    cfg.loader.shards, cfg.loader.image_size, cfg.loader.batch_size = str(utk_shards), 64, 64
-    b = next(iter(create_loader(cfg, "val")))
-    assert b["valid"].all() and b["age"].std() > 10  # a real spread of ages
-    return b
 
 
 @pytest.mark.slow

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from base.config import resolved
+from base.errors import UserError
+
 from conftest import AGESCALE, REPO
 
 pytestmark = pytest.mark.slow
@@ -28,14 +31,15 @@ def write_spec(path: Path, shards, space: dict | None = None, **extra) -> Path:
                       "data.loader.batch_size": 32, "train.max_steps": 16, "train.val_every_steps": 4,
                       "train.ckpt_every_steps": 100, "train.test_at_end": False, "train.log_every_steps": 4,
                       "train.optimizer.warmup_steps": 2},
-        "space": space or {"model.method": {"grid": ["dex", "l1"]},
-                           "data.loader.augment.strength": {"grid": [0.5, 1.5]}},
+        "space": space or {"data.loader.augment.strength": {"grid": [0.5, 1.5]}},
         # max_t = the trials' 4 validation rounds: ASHA stops every trial that gets there at its
         # last report, and the one at round 2 may stop others early.
         "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2, "max_t": 4},
         "resources": {"workers": 1, "cpus_per_worker": 1},
         "max_failures": 1, **extra,
     }
+    if space is None:  # the method as a named variant (a bundle of keys), crossed with the space
+        spec["variants"] = {"dex": {"model.method": "dex"}, "l1": {"model.method": "l1", "model.gender_head": True}}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -78,7 +82,7 @@ def test_asha_sweep_of_four_real_trials(sweep):
     out = tmp / "out"
     table = rows(out)
     assert len(table) == 4
-    assert {(t["model.method"], float(t["data.loader.augment.strength"])) for t in table} == GRID
+    assert {(t["variant"], float(t["data.loader.augment.strength"])) for t in table} == GRID
     assert {t["status"] for t in table} <= {"completed", "stopped"}
     assert any(t["status"] == "completed" for t in table)
     for t in table:
@@ -90,13 +94,21 @@ def test_asha_sweep_of_four_real_trials(sweep):
         done = (Path(t["run_dir"]) / "summary.json").exists()
         assert (t["status"] == "completed") == (int(t["steps"]) == 16) == done, t
         cfg = yaml.safe_load((Path(t["run_dir"]) / "config.yaml").read_text())
-        assert cfg["model"]["method"] == t["model.method"]
+        assert cfg["model"]["method"] == t["variant"]
         assert cfg["data"]["loader"]["augment"]["strength"] == float(t["data.loader.augment.strength"])
     result = json.loads((out / "results.json").read_text())
     best = min(table, key=lambda t: float(t["best_val_mae"]))
     assert result["best_trial"] == best["trial_id"] and len(result["trials"]) == 4
     assert all(len(t["history"]) == int(t["val_rounds"]) for t in result["trials"])
     assert (out / "val_mae.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = [l for l in (out / "results.md").read_text().splitlines() if l.startswith("| ")]
+    assert md[0].startswith("| variant | data.loader.augment.strength | seeds | test MAE |")
+    assert len(md) == 5 and {tuple(c.strip() for c in l.split("|")[1:3]) for l in md[1:]} == {
+        (m, str(a)) for m, a in GRID}
+    for line in md[1:]:  # the model's size and speed come from the trial's own files
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        done = next(t for t in table if (t["variant"], t["data.loader.augment.strength"]) == tuple(cells[:2]))
+        assert float(cells[-1]) == pytest.approx(float(done["images_per_s"]), abs=0.5)
     assert f"best: {best['trial_id']}" in r.stdout
     # Ray 2.60's auth token and Tune's default results folder stay out of the user's home.
     home = tmp / "home"
@@ -170,8 +182,8 @@ def test_killed_driver_resumes_to_the_same_results(sweep, tmp_path):
             assert steps == sorted(steps) and int(t["steps"]) == max(steps)  # continued, not restarted
     assert resumed, "no trial continued from its checkpoint"
     # Trials are deterministic: one that completed in both sweeps ends with the same MAE.
-    first = {(t["model.method"], t["data.loader.augment.strength"]): t for t in rows(sweep[0] / "out")}
-    same = [(t, first[(t["model.method"], t["data.loader.augment.strength"])]) for t in table]
+    first = {(t["variant"], t["data.loader.augment.strength"]): t for t in rows(sweep[0] / "out")}
+    same = [(t, first[(t["variant"], t["data.loader.augment.strength"])]) for t in table]
     both = [(a, b) for a, b in same if a["status"] == b["status"] == "completed"]
     assert both
     for a, b in both:
@@ -195,6 +207,24 @@ def test_spec_errors_name_the_key(utk_shards, tmp_path):
     r = tune("--resume", tmp_path / "nothing", home=tmp_path / "home")
     assert r.returncode == 2 and "no sweep.json" in r.stderr
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+
+
+def test_the_methods_spec_covers_every_method_and_family_and_variants_are_checked_whole(tmp_path):
+    from search.spec import load_spec, trial_config
+    from trainer.methods import list_methods
+
+    spec, base = load_spec(REPO / "configs" / "tune" / "methods.yaml")
+    bundles = spec.variants.values()
+    assert {b.get("model.method") for b in bundles} >= {m.name for m in list_methods()}
+    assert {b.get("model.architecture", "timm") for b in bundles} == {"timm", "mivolo", "swinface"}
+    assert any(b.get("model.gender_conditioned_age") for b in bundles) and any(b.get("model.attention") for b in bundles)
+    cfg = trial_config(resolved(base), {"variant": "swinface"}, tmp_path / "run", spec.variants)
+    assert (cfg.model.architecture, cfg.model.method, cfg.model.model_args["patch_size"]) == (
+        "swinface", "gaussian_blend", 2)
+    assert cfg.train.max_steps == 900 and cfg.train.run_dir == str(tmp_path / "run")
+    bad = write_spec(tmp_path / "bad.yaml", tmp_path, variants={"vit": {"model.architecture": "mivolo"}})
+    with pytest.raises(UserError, match="variants.vit: .*needs a volo_\\* backbone"):
+        load_spec(bad)
 
 
 def test_trial_on_two_ray_train_workers(utk_shards, tmp_path):

@@ -11,7 +11,41 @@ from base.config import Strict
 BACKBONES = ("resnet18", "resnet34", "resnet50", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224")
 
 
+class TimmArgs(Strict):
+    """A plain timm backbone takes no family options."""
+
+
+class MiVOLOArgs(Strict):
+    """MiVOLO (Kuprashevich & Tolstykh, 2023): a VOLO whose patch embedding reads a face and a body crop."""
+
+    body: bool = Field(True, description="build the body stem and the face-body cross-attention; false: face "
+                       "stem only (a body crop in the batch is then ignored)")
+    fusion_heads: int = Field(4, ge=1, description="heads of the face-body cross-attention")
+
+
+class SwinFaceArgs(Strict):
+    """SwinFace (Qin et al., 2023): a Swin-T for small face crops and one multi-level channel-attention branch
+    per task."""
+
+    patch_size: int = Field(2, ge=1, description="Swin's patch size: 2 at 112 px gives SwinFace's 56x56 tokens")
+    window_size: int = Field(7, ge=1, description="Swin's attention window (must divide every stage's grid)")
+    level_channels: int = Field(128, ge=8, description="output channels of each level's 3x3 conv in a branch")
+    gate_reduction: int = Field(16, ge=1, description="reduction of the channel gate's shared MLP")
+    subnet_hidden: int = Field(512, ge=8, description="width of the task subnet's two Linear+ReLU+Dropout blocks")
+    subnet_dropout: float = Field(0.1, ge=0, lt=1)
+
+
+# Each family's options: `model.model_args` is parsed into its class (timm's one dict per family).
+FAMILY_ARGS: dict[str, type[Strict]] = {"timm": TimmArgs, "mivolo": MiVOLOArgs, "swinface": SwinFaceArgs}
+FAMILY_BACKBONE = {"mivolo": ("volo_", "volo_d1_224"), "swinface": ("swin_", "swin_tiny_patch4_window7_224")}
+
+
 class ModelConfig(Strict):
+    architecture: Literal["timm", "mivolo", "swinface"] = Field(
+        "timm", description="model family: timm (a timm backbone + heads), mivolo (VOLO with a face+body patch "
+        "embedding), swinface (Swin-T + one multi-level channel-attention branch per task)")
+    model_args: dict[str, float | int | bool] = Field(default_factory=dict,
+                                                      description="the family's options (see its *Args class)")
     backbone: str = Field("resnet18", description=f"a timm model name, e.g. {', '.join(BACKBONES)}")
     weights: str = Field("scratch", description="'scratch', a local .pth/.safetensors file, or 'hub' (downloads)")
     method: str = Field("dex", description="age method (see `agescale methods`)")
@@ -48,6 +82,14 @@ class ModelConfig(Strict):
             raise ValueError(f"max_age {self.max_age} must exceed min_age {self.min_age}")
         if self.gender_conditioned_age and not self.gender_head:
             raise ValueError("gender_conditioned_age needs gender_head: true")
+        self.family_args()
+        if self.architecture in FAMILY_BACKBONE:
+            prefix, example = FAMILY_BACKBONE[self.architecture]
+            if not self.backbone.startswith(prefix):
+                raise ValueError(f"architecture {self.architecture} needs a {prefix}* backbone (e.g. backbone: "
+                                 f"{example}), not {self.backbone!r}")
+        if self.attention and self.architecture != "timm":
+            raise ValueError(f"attention pooling is for architecture timm; {self.architecture} has its own")
         from trainer.methods import create_method
 
         try:
@@ -55,6 +97,16 @@ class ModelConfig(Strict):
         except Exception as e:  # UserError from the method: name it here, at load time
             raise ValueError(str(e)) from None
         return self
+
+
+    def family_args(self) -> Strict:
+        """`model_args` as the family's typed options (a bad key or value names itself)."""
+        try:
+            return FAMILY_ARGS[self.architecture](**self.model_args)
+        except ValueError as e:  # pydantic's ValidationError: one line per bad field
+            errs = getattr(e, "errors", lambda: [])()
+            what = "; ".join(f"model_args.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errs) or str(e)
+            raise ValueError(f"architecture {self.architecture}: {what}") from None
 
 
 class OptimConfig(Strict):

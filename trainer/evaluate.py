@@ -18,10 +18,10 @@ def _batches(model, loader, device: torch.device, tta: str, channels_last: bool 
     try:
         with torch.no_grad():
             for batch in loader:
-                x = batch["image"].to(device, non_blocking=True)
+                views = [batch[k].to(device, non_blocking=True) for k in ("image", "body") if k in batch]
                 if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield batch, predictor(x), predictor
+                    views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                yield batch, predictor(*views), predictor
     finally:
         model.train(was_training)
 

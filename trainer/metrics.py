@@ -2,7 +2,8 @@
 
 MAE, RMSE, CS@k (share within k years), gender accuracy, age-group accuracy and the average
 absolute group difference, MAE per race and per gender with the spread (max - min) between
-groups, and the 90 % interval's coverage and width: the calibrated interval when a calibration
+groups, the worst race's MAE within age groups (races differ in age mix), and the 90 % interval's
+coverage and width: the calibrated interval when a calibration
 rule is given (trainer/calibration.py, any method), else the distribution's central interval.
 `reduce()` all-reduces the sums (never a mean of means), so two ranks give the single-process
 result.
@@ -17,6 +18,7 @@ from data_pipeline.records import GENDERS, RACES
 from trainer import calibration
 
 DEFAULT_EDGES = tuple(range(0, 101, 10))  # groups 0-9, ..., 90-99, 100+
+MIN_FACES_PER_CELL = 5  # a race counts in an age group's comparison from this many faces (as report.py)
 
 
 class AgeMetrics:
@@ -30,6 +32,7 @@ class AgeMetrics:
         self.state = {"n": z(1), "abs": z(1), "sq": z(1), "cs": z(1), "gender_n": z(1), "gender_ok": z(1),
                       "groups": z(g, g), "race_n": z(len(RACES)), "race_abs": z(len(RACES)),
                       "sex_n": z(len(GENDERS)), "sex_abs": z(len(GENDERS)),
+                      "bin_race_n": z(g, len(RACES)), "bin_race_abs": z(g, len(RACES)),
                       "dist_n": z(1), "covered": z(1), "width": z(1)}
 
     def group(self, age: torch.Tensor) -> torch.Tensor:
@@ -58,6 +61,9 @@ class AgeMetrics:
                 known = lab >= 0
                 s[n_key].index_add_(0, lab[known], torch.ones_like(err[known]))
                 s[abs_key].index_add_(0, lab[known], err[known])
+                if n_key == "race_n":
+                    s["bin_race_n"].index_put_((gt[known], lab[known]), torch.ones_like(err[known]), accumulate=True)
+                    s["bin_race_abs"].index_put_((gt[known], lab[known]), err[known], accumulate=True)
         if gender is not None and gender_prob is not None:
             g, p = gender.cpu()[keep], gender_prob.detach().double().cpu()[keep]
             known = g >= 0
@@ -95,7 +101,24 @@ class AgeMetrics:
             if per:
                 out[f"mae_by_{name}"] = per
                 out[f"mae_spread_{name}"] = max(per.values()) - min(per.values())
+        worst = self._worst_race_in_bins()
+        if worst is not None:
+            out["worst_race_mae_in_age_groups"] = worst
         if s["dist_n"].item():
             out[f"interval{int(self.interval * 100)}_coverage"] = s["covered"].item() / s["dist_n"].item()
             out[f"interval{int(self.interval * 100)}_mean_width"] = s["width"].item() / s["dist_n"].item()
         return out
+
+    def _worst_race_in_bins(self, min_faces: int = MIN_FACES_PER_CELL) -> float | None:
+        """Per age group, the MAE of its worst race among those with >= `min_faces` faces there;
+        averaged over the groups with two such races, weighted by their faces. None if none has."""
+        n, a = self.state["bin_race_n"], self.state["bin_race_abs"]
+        total = weight = 0.0
+        for b in range(len(n)):
+            ok = n[b] >= min_faces
+            if ok.sum() < 2:
+                continue
+            faces = n[b][ok].sum().item()
+            total += faces * (a[b][ok] / n[b][ok]).max().item()
+            weight += faces
+        return total / weight if weight else None

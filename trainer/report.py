@@ -28,7 +28,7 @@ def _collect(models, loader, hflip: bool = False, rule: dict | None = None) -> d
     keys, images = [], []
     for batch in loader:
         keep = batch["valid"]
-        res = ens.predict(batch["image"])
+        res = ens.predict(batch["image"], batch.get("body"))
         metrics.update(res["age"], batch["age"], gender=batch["gender"], gender_prob=res.get("gender_prob"),
                        race=batch["race"], valid=keep, distribution=res.get("distribution"), ages=ens.ages)
         cols["pred"].append(res["age"][keep].numpy())
@@ -77,6 +77,12 @@ def _saliency(model, images: torch.Tensor) -> torch.Tensor:
     if model.attention is not None:
         with torch.no_grad():
             maps = model(images)["attention"]
+    elif model.cfg.architecture != "timm":
+        # MiVOLO and SwinFace have no single last feature map for Grad-CAM: use the gradient of
+        # the predicted age with respect to the pixels (a plain saliency map) instead.
+        images = images.detach().clone().requires_grad_(True)
+        model.method.predict(model(images)["age"]).sum().backward()
+        maps = images.grad.abs().sum(1).detach()
     else:
         fmap = model._feature_map(images).detach().requires_grad_(True)
         pooled = model.backbone.forward_head(fmap if getattr(model.backbone, "output_fmt", "NCHW") == "NCHW"

@@ -231,7 +231,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         micro = 0
         for batch in train_loader:
             torch.manual_seed(_step_seed(tc.seed, step, rank))
-            out = engine(as_input(batch["image"]))
+            method.set_progress(step / total_steps)
+            out = engine(*[as_input(batch[k]) for k in ("image", "body") if k in batch])
             labels = {k: batch[k].to(device) for k in ("age", "gender", "race", "valid")}
             parts = multitask_loss(out, labels, method, cfg.model)
             # Every rank skips a micro-batch whose loss is inf/nan on any rank (so none waits in a

@@ -1,8 +1,9 @@
-"""Any CSV of `path,age[,gender][,race][,subject]`.
+"""Any CSV of `path,age[,gender][,race][,subject][,body]`.
 
 With a header row the columns are found by name (`path` and `age` required); without one they
 are taken in that order. Paths are relative to the CSV's folder. gender: 0/m/male, 1/f/female
-or empty for unknown. A row with a bad value, or with more or fewer fields than the header,
+or empty for unknown. `body`: an optional second crop of the same person (a wider, body crop
+for MiVOLO), stored as `<key>.body.jpg`; empty where there is none. A row with a bad value, or with more or fewer fields than the header,
 is rejected (listed in the manifest) with its line number and reason.
 """
 
@@ -20,7 +21,7 @@ from data_pipeline.datasets.files import parse_gender, read_text
 from data_pipeline.records import FaceRecord, Rejected
 
 SOURCE = "csv"
-COLUMNS = ("path", "age", "gender", "race", "subject")
+COLUMNS = ("path", "age", "gender", "race", "subject", "body")
 
 
 @register_dataset("csv", "CSV file of path,age[,gender][,race][,subject], paths relative to the CSV")
@@ -70,8 +71,13 @@ def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
         if not rel or not image.is_file():
             yield Rejected(SOURCE, rel or where, f"{where}: image file {rel!r} not found")
             continue
+        body_rel = values.get("body", "")
+        body = src.parent / body_rel if body_rel else None
+        if body is not None and not body.is_file():
+            yield Rejected(SOURCE, rel, f"{where}: body crop file {body_rel!r} not found")
+            continue
         yield FaceRecord(image=image, age=age, gender=gender, race=race, subject=values.get("subject") or None,
-                         source=SOURCE, original_id=rel)
+                         source=SOURCE, original_id=rel, body=body)
 
 
 def _rows(src: Path) -> list[tuple[int, list[str]]]:

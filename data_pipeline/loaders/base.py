@@ -87,11 +87,25 @@ class Loader:
             self._params_epoch = self.epoch
         return self._epoch_params[idx]
 
-    def _batch(self, idx: np.ndarray, valid: np.ndarray, images: torch.Tensor, bad: set[int]) -> dict:
+    @property
+    def with_body(self) -> bool:
+        """The shards carry a second crop (`<key>.body.jpg`) for some samples: batches get "body"."""
+        return bool(getattr(self.index, "has_body", False))
+
+    def has_body(self, idx: np.ndarray) -> torch.Tensor:
+        return torch.tensor([self.index.samples[i].body is not None for i in idx])
+
+    def _batch(self, idx: np.ndarray, valid: np.ndarray, images, bad: set[int]) -> dict:
+        """`images`: the face tensor, or (face, body) when the shards carry body crops; a sample
+        without a body crop gets a zero (normalised) image, which is what MiVOLO reads as "none"."""
         labels = self.labels(idx)
         valid = valid.copy()
         valid[list(bad)] = False
-        return {"image": images, "age": torch.from_numpy(labels[:, 0].copy()),
+        extra = {}
+        if isinstance(images, tuple):
+            images, body = images
+            extra["body"] = body * self.has_body(idx).to(body.device, body.dtype)[:, None, None, None]
+        return {"image": images, **extra, "age": torch.from_numpy(labels[:, 0].copy()),
                 "gender": torch.from_numpy(labels[:, 1].astype(np.int64)),
                 "race": torch.from_numpy(labels[:, 2].astype(np.int64)),
                 "key": self.keys(idx), "valid": torch.from_numpy(valid)}
@@ -102,6 +116,7 @@ class Loader:
     def keys(self, idx: np.ndarray) -> list[str]:
         return [self.index.samples[i].key for i in idx]
 
-    def _images(self, plan: RankPlan) -> Iterator[tuple[torch.Tensor, set[int]]]:
-        """Per batch of the plan: (images, positions in the batch that could not be decoded)."""
+    def _images(self, plan: RankPlan) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], set[int]]]:
+        """Per batch of the plan: (images, positions in the batch that could not be decoded);
+        images are (face, body) when `with_body` (a missing body crop may hold anything: masked)."""
         raise NotImplementedError

@@ -50,7 +50,11 @@ class DaliLoader(Loader):
         with pipe:
             jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, batch=True)
             params = fn.external_source(name="params", dtype=types.FLOAT, batch=True) if self.train else None
-            pipe.set_outputs(dali_images(jpegs, params, cfg, self.train, self.cfg.device))
+            outputs = [dali_images(jpegs, params, cfg, self.train, self.cfg.device)]
+            if self.with_body:  # the body crop through the same graph, with the face's parameters
+                bodies = fn.external_source(name="bodies", dtype=types.UINT8, batch=True)
+                outputs.append(dali_images(bodies, params, cfg, self.train, self.cfg.device))
+            pipe.set_outputs(*outputs)
         pipe.build()
         return pipe
 
@@ -58,12 +62,17 @@ class DaliLoader(Loader):
         """Feed one batch; `replace` maps batch positions to stand-ins for undecodable samples.
         Returns `replace` grown by the samples whose bytes are not an image."""
         data = [self.index.image_bytes(i) for i in idx]
+        # a sample without a body crop decodes its face as the body (masked to zeros later)
+        bodies = [self.index.image_bytes(i, body=True) or d for i, d in zip(idx, data)] if self.with_body else data
         bad = {pos: f"{self.index.where(i)}: not a JPEG or PNG (bad magic bytes)"
-               for pos, (i, d) in enumerate(zip(idx, data)) if not d.startswith(MAGIC) and pos not in replace}
+               for pos, (i, d, b) in enumerate(zip(idx, data, bodies))
+               if not (d.startswith(MAGIC) and b.startswith(MAGIC)) and pos not in replace}
         if bad:
             replace = {**replace, **self._stand_ins(idx, bad, replace)}
         src = [replace.get(pos, pos) for pos in range(len(idx))]
         self._pipe.feed_input("jpegs", [np.frombuffer(data[p], dtype=np.uint8) for p in src])
+        if self.with_body:
+            self._pipe.feed_input("bodies", [np.frombuffer(bodies[p], dtype=np.uint8) for p in src])
         if self.train:
             self._pipe.feed_input("params", np.ascontiguousarray(self._params(idx[src])))  # one dense batch
         self._pipe.schedule_run()
@@ -93,6 +102,8 @@ class DaliLoader(Loader):
         for pos, i in enumerate(idx):
             try:
                 self.index.decode(i)
+                if self.with_body:
+                    self.index.decode(i, body=True)
             except DataError as e:
                 bad[pos] = str(e)
         return bad
@@ -108,7 +119,7 @@ class DaliLoader(Loader):
         while pending:
             b, replace = pending[0]
             try:
-                (out,) = self._pipe.outputs()
+                outs = self._pipe.outputs()
             except RuntimeError as err:
                 self._recover(plan, pending, err)
                 continue
@@ -117,7 +128,8 @@ class DaliLoader(Loader):
                 pending.append((nxt, self._feed(plan.batches[nxt], {})))
                 nxt += 1
             self.skipped += len(replace)
-            yield self._to_torch(out), set(replace)
+            images = tuple(self._to_torch(o) for o in outs)
+            yield (images if self.with_body else images[0]), set(replace)
 
     def _recover(self, plan, pending: deque, err: RuntimeError) -> None:
         """A batch failed in DALI: name the bad sample, or (skip mode) rebuild and re-feed."""

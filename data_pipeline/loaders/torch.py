@@ -29,19 +29,26 @@ class _DecodeBatch(Dataset):
     def __getitem__(self, item: tuple[np.ndarray, np.ndarray | None, int]):
         idx, params, size = item
         cfg = self.cfg if size == self.cfg.image_size else self.cfg.model_copy(update={"image_size": size})
-        images, bad, errors = {}, [], []
+        images, bodies, bad, errors = {}, {}, [], []
         for pos, i in enumerate(idx):
             try:
                 pil = self.index.decode(i)
+                body = self.index.decode(i, body=True) if self.index.has_body else None
             except DataError as e:
                 bad.append(pos)
                 errors.append(str(e))
                 continue
-            images[pos] = torch_image(pil, None if params is None else params[pos], cfg, self.train)
+            p = None if params is None else params[pos]
+            images[pos] = torch_image(pil, p, cfg, self.train)
+            if self.index.has_body:  # the same drawn parameters as the face (one flip for both)
+                bodies[pos] = images[pos] if body is None else torch_image(body, p, cfg, self.train)
         if not images:
             return None, bad, errors
         stand_in = next(iter(images.values()))  # keeps shapes fixed; the position is marked invalid
-        return torch.stack([images.get(pos, stand_in) for pos in range(len(idx))]), bad, errors
+        faces = torch.stack([images.get(pos, stand_in) for pos in range(len(idx))])
+        if not self.index.has_body:
+            return faces, bad, errors
+        return (faces, torch.stack([bodies.get(pos, stand_in) for pos in range(len(idx))])), bad, errors
 
 
 def _as_is(item):

@@ -43,12 +43,18 @@ class AgeMethod:
                 raise UserError(f"model.method_args.{key}={value}: method {self.name!r} takes {lo} to {hi}")
             setattr(self, key, type(default)(value))
         self.min_age, self.max_age = min_age, max_age
+        self.progress = 0.0  # fraction of training done; the trainer sets it (see `set_progress`)
         self.num_ages = max_age - min_age + 1
         self.ages = torch.arange(min_age, max_age + 1, dtype=torch.float32)
 
     @property
     def out_features(self) -> int:
         return self.num_ages
+
+    def set_progress(self, fraction: float) -> None:
+        """Called by the trainer before each step, from the step count (so a resumed run sets the
+        same value): for losses that change over training, like SwinFace's blend."""
+        self.progress = float(fraction)
 
     def head(self, in_features: int) -> nn.Module:
         return nn.Linear(in_features, self.out_features)

@@ -51,3 +51,37 @@ class SmoothL1(_Regression):
 
     def _loss(self, pred, age):
         return F.smooth_l1_loss(pred, age, beta=1.0)
+
+
+@register_method
+class RangeL2(_Regression):
+    """MiVOLO's target: the age normalised to the configured range, (age - mid) / (max - min),
+    regressed with a squared error in those units (so the head's output *is* the normalised age)."""
+
+    name, summary = "l2_range", "regression of (age - mid) / (max - min), squared error (MiVOLO's target)"
+
+    def predict(self, out):
+        return (self.min_age + self.max_age) / 2 + (self.max_age - self.min_age) * out.float()[:, 0]
+
+    def _loss(self, pred, age):
+        return F.mse_loss(pred, age) / (self.max_age - self.min_age) ** 2
+
+
+@register_method
+class GaussianBlend(_Regression):
+    """SwinFace's age loss as we read it: a squared error early in training that blends, over
+    `blend_until` of the run, into a bounded Gaussian-shaped loss 1 - exp(-e^2 / (2 sigma^2)),
+    which stops large errors (mislabelled faces) from dominating once the model is close. The
+    squared error is in units of the head's scale (20 years) so both parts start near 1."""
+
+    name, summary = "gaussian_blend", "regression, squared error blended into a bounded Gaussian loss (SwinFace)"
+    sigma = 5.0
+    blend_until = 1.0
+    _limits = {"sigma": (0.5, 50.0), "blend_until": (0.01, 1.0)}
+
+    def _loss(self, pred, age):
+        t = min(1.0, self.progress / self.blend_until)
+        err = pred - age
+        squared = (err / SCALE).pow(2).mean()
+        bounded = (1 - torch.exp(-err.pow(2) / (2 * self.sigma ** 2))).mean()
+        return (1 - t) * squared + t * bounded

@@ -11,14 +11,16 @@ from torch import nn
 from base.errors import UserError
 
 
-def create_backbone(name: str, image_size: int, weights: str = "scratch", drop_rate: float = 0.0) -> nn.Module:
+def create_backbone(name: str, image_size: int, weights: str = "scratch", drop_rate: float = 0.0,
+                    **timm_args) -> nn.Module:
     """A timm model without its classifier (num_classes=0). `weights='hub'` downloads and is
-    for machines that can; nothing else here touches the network."""
+    for machines that can; nothing else here touches the network. `timm_args` go to
+    `timm.create_model` (a family's patch or window size)."""
     if name not in timm.list_models():
         raise UserError(f"model.backbone {name!r} is not a timm model (e.g. resnet18, swin_tiny_patch4_window7_224)")
-    kwargs = {"num_classes": 0, "drop_rate": drop_rate}
-    if name.startswith("swin"):
-        kwargs["img_size"] = image_size  # Swin's patch grid and windows follow the input size
+    kwargs = {"num_classes": 0, "drop_rate": drop_rate, **timm_args}
+    if name.startswith(("swin", "volo")):
+        kwargs["img_size"] = image_size  # their token grids, windows and position embeddings follow the input
     try:
         model = timm.create_model(name, pretrained=weights == "hub", **kwargs)
     except (AssertionError, ValueError) as e:

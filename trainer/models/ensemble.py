@@ -24,13 +24,14 @@ class Ensemble(nn.Module):
         self.min_age, self.max_age = models[0].method.min_age, models[0].method.max_age
         self.hflip = hflip
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"age": (N,), "distribution": (N, K) or absent, "gender_prob": (N,) or absent}."""
-        views = (x, x.flip(3)) if self.hflip else (x,)
+    def forward(self, x: torch.Tensor, body: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{"age": (N,), "distribution": (N, K) or absent, "gender_prob": (N,) or absent}.
+        `body` (a second crop, MiVOLO) is mirrored with the face."""
+        views = [(x, body)] + ([(x.flip(3), None if body is None else body.flip(3))] if self.hflip else [])
         dists, ages, genders = [], [], []
         for m in self.members:
-            for v in views:
-                out = m(v)
+            for v, b in views:
+                out = m(v) if b is None else m(v, b)
                 age_out = out["age"].float()
                 ages.append(m.method.predict(age_out))
                 dists.append(m.method.distribution(age_out))
@@ -44,5 +45,5 @@ class Ensemble(nn.Module):
         return result
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self(x)
+    def predict(self, x: torch.Tensor, body: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self(x, body)
