@@ -184,10 +184,16 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from trainer.config import FAMILY_ARGS
     from trainer.methods import list_methods
 
+    print("age methods (model.method, options in model.method_args):")
     for m in list_methods():
-        print(f"{m.name:<14} {m.summary}")
+        print(f"  {m.name:<14} {m.summary}")
+    print("model families (model.architecture, options in model.model_args):")
+    for name, args_cls in FAMILY_ARGS.items():
+        options = ", ".join(f"{k}={f.default}" for k, f in args_cls.model_fields.items()) or "none"
+        print(f"  {name:<14} {' '.join((args_cls.__doc__ or '').split())} Options: {options}.")
     return 0
 
 
@@ -344,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submit", action="store_true", help="also submit it with sbatch")
     p.set_defaults(func=cmd_slurm)
 
-    p = sub.add_parser("methods", help="list age methods (model.method)",
-                       description="List the registered age-estimation methods, selected by model.method.")
+    p = sub.add_parser("methods", help="list age methods (model.method) and model families (model.architecture)",
+                       description="List the registered age-estimation methods, selected by model.method, and "
+                                   "the model families, selected by model.architecture.")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench", help="benchmarks (JSON with ratio and target)",

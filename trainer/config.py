@@ -12,7 +12,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "swin_tiny_patch4_window7_224",
 
 
 class TimmArgs(Strict):
-    """A plain timm backbone takes no family options."""
+    """Any timm backbone (model.backbone) with the multi-task heads."""
 
 
 class MiVOLOArgs(Strict):

@@ -105,8 +105,12 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
     best = json.loads((run / "best" / "metrics.json").read_text()) if (run / "best" / "metrics.json").exists() else {}
     run_info = json.loads((run / "run.json").read_text())
-    card = {"model": {"backbone": cfg.model.backbone, "method": cfg.model.method, "input_size": size,
-                      "weights_from": str(weights)},
+    card = {"model": {"architecture": cfg.model.architecture, "model_args": cfg.model.family_args().model_dump(),
+                      "backbone": cfg.model.backbone, "method": cfg.model.method, "input_size": size,
+                      "weights_from": str(weights),
+                      # the ONNX graph has one input: MiVOLO's body crop, when the model has that path,
+                      # is the zero image inside it (face-only serving, as UTKFace-style crops are)
+                      "inputs": ["image"]},
             "training_config": resolved(cfg), "data_manifest_sha256": run_info.get("data_manifest_sha256"),
             "metrics": {"validation_best": best, "test": summary.get("test")},
             "intended_use": "Research on apparent/real age and gender estimation from aligned, cropped face "
@@ -119,7 +123,7 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
     (out / "card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     test = summary.get("test") or {}
     (out / "card.md").write_text("\n".join([
-        f"# agescale model card: {cfg.model.backbone} / {cfg.model.method}", "",
+        f"# agescale model card: {cfg.model.architecture} {cfg.model.backbone} / {cfg.model.method}", "",
         f"- Input: {size}x{size} RGB face crop; preprocessing in `preprocess.json`; outputs in `labels.json`.",
         f"- Data manifest sha256: `{card['data_manifest_sha256']}`",
         f"- Best validation MAE: {best.get('mae', float('nan')):.2f} (step {best.get('step')})",
