@@ -52,7 +52,12 @@ class ShardConfig(Strict):
     min_shards_per_split: int = Field(8, ge=1)
     max_side: int | None = Field(None, ge=16, description="shrink images whose longer side exceeds this")
     jpeg_quality: int = Field(95, ge=50, le=100, description="quality when --max-side re-encodes")
-    workers: int | None = Field(None, ge=1, description="decode-check processes; default: all cores")
+    workers: int | None = Field(None, ge=1, description="decode-check processes (the local Ray instance's CPUs "
+                                "with executor ray); default: all cores")
+    executor: Literal["local", "ray"] = Field("local", description="local: a process pool; ray: one Ray task per "
+                                              "shard (sources and --out on a filesystem every node sees)")
+    ray_address: str | None = Field(None, description="executor ray: an existing cluster ('auto' or host:port); "
+                                    "default: a private local instance")
 
     @field_validator("splits")
     @classmethod

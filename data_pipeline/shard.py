@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import create_dataset
 from data_pipeline.images import prepare_image
 from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin, age_bin_names, check_age, sample_key
+from data_pipeline.shard_exec import done_path, fingerprint, maybe_die, run_jobs
 from data_pipeline.split import assign_splits, even_chunks, shard_count
 from data_pipeline.tarshard import ShardWriter
 
@@ -89,17 +89,24 @@ def label_vector(rec: FaceRecord) -> bytes:
 def _sharder_file(path: Path) -> bool:
     """A file `agescale shard` writes inside a split folder: <split>-NNNNNN.tar/.idx, or a
     .tar.partial left by an interrupted run."""
-    return path.is_file() and re.fullmatch(re.escape(path.parent.name) + r"-\d{6}\.(tar|idx|tar\.partial)",
-                                           path.name) is not None
+    return path.is_file() and re.fullmatch(
+        re.escape(path.parent.name) + r"-\d{6}\.(tar|idx|tar\.partial|tar\.done\.json|tar\.done\.partial)",
+        path.name) is not None
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Make `out` an empty place for a shard set. --overwrite deletes only what the sharder
     wrote: the manifest's split folders, manifest.json and config.yaml, and (even without a
     manifest, which an interrupted run never got to write) folders holding nothing but shard and
     .partial files, and manifest.json.partial / config.yaml.partial. Without a manifest it
     refuses when anything else is there; with one, other files are left alone."""
     out_dir(out)
+    if resume:  # keep what is there: the shards' own records decide what is re-used (shard_exec.py)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+        return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace an earlier shard set")
@@ -152,13 +159,14 @@ def _collect(sources: Sequence[tuple[str, Path]], cfg: DataConfig
     return records, rejected, per_source
 
 
-def _input_name(rec: FaceRecord) -> str:
+def input_name(rec: FaceRecord) -> str:
     return str(rec.image) if isinstance(rec.image, Path) else f"{rec.source}:{rec.original_id}"
 
 
 def _dedupe(records: Sequence[tuple[int, FaceRecord]]
-            ) -> tuple[list[tuple[int, FaceRecord]], list[tuple[int, dict]]]:
-    """Keep the first record of each file content (sha256 of the bytes); list the others.
+            ) -> tuple[list[tuple[int, FaceRecord]], list[tuple[int, dict]], dict[int, str]]:
+    """Keep the first record of each file content (sha256 of the bytes); list the others; and
+    each kept record's digest by id(record) (a resumed run's shard fingerprints use them).
 
     Hashing in the parent costs one extra read per file (~0.1 s per 50 MB, from the page cache
     the decode check then reads again), and it must happen before splits are assigned.
@@ -179,9 +187,9 @@ def _dedupe(records: Sequence[tuple[int, FaceRecord]]
         k = first[digest]
         differ = "" if (k.age, k.gender, k.race) == (rec.age, rec.gender, rec.race) else \
             f"; labels differ: kept age {k.age:g}, gender {k.gender}, race {k.race}"
-        dropped.append((i, {"source": _input_name(rec), "dataset": rec.source, "kept": _input_name(k),
-                            "sha256": digest, "reason": f"same content sha256 as {_input_name(k)}{differ}"}))
-    return kept, dropped
+        dropped.append((i, {"source": input_name(rec), "dataset": rec.source, "kept": input_name(k),
+                            "sha256": digest, "reason": f"same content sha256 as {input_name(k)}{differ}"}))
+    return kept, dropped, {id(rec): d for d, rec in first.items()}
 
 
 def _unique_keys(records: Iterable[FaceRecord]) -> list[tuple[str, FaceRecord]]:
@@ -234,6 +242,7 @@ def write_shard(job: ShardJob) -> ShardOutcome:
     kept, rejected = [], []
     with ShardWriter(job.path) as writer:
         for key, rec in job.members:
+            maybe_die(job, len(writer.keys))
             img = prepare_image(rec.image, job.max_side, job.jpeg_quality)
             if not img.ok:
                 rejected.append(Rejected(rec.source, rec.original_id, img.reason))
@@ -259,7 +268,7 @@ def write_shard(job: ShardJob) -> ShardOutcome:
 
 
 def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConfig, *,
-                   overwrite: bool = False, resolved_config: dict | None = None) -> dict:
+                   overwrite: bool = False, resume: bool = False, resolved_config: dict | None = None) -> dict:
     """Shard one or more (dataset name, source path) pairs into `out`; returns the manifest.
     See the module docstring."""
     sc = cfg.shard
@@ -269,8 +278,8 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
             reasons = Counter(r.reason.split(":")[0] for r in rejected if r.source == stats["dataset"])
             why = f" ({stats['inputs']} inputs rejected; reasons: {dict(reasons.most_common(3))})" if stats["inputs"] else ""
             raise UserError(f"--src {stats['src']}: no usable {stats['dataset']} samples{why}")
-    _prepare_out(out, overwrite)
-    records, duplicates = _dedupe(records)
+    _prepare_out(out, overwrite, resume)
+    records, duplicates, digests = _dedupe(records)
     for i, _ in duplicates:
         per_source[i]["duplicates"] += 1
     pair_of = {id(rec): i for i, rec in records}
@@ -289,13 +298,23 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
         k = shard_count(len(members), sc.max_samples_per_shard, sc.min_shards_per_split)
         jobs += [ShardJob(out / split / f"{split}-{i:06d}.tar", split, members[a:b], sc.max_side, sc.jpeg_quality)
                  for i, (a, b) in enumerate(even_chunks(len(members), k))]
+    if resume:  # shard files of another layout (fewer shards, another split) are not this run's
+        wanted = {j.path.name for j in jobs}
+        for split_dir in (p for p in out.iterdir() if p.is_dir()):
+            for f in split_dir.iterdir():
+                if _sharder_file(f) and f.name.split(".")[0] + ".tar" not in wanted:
+                    f.unlink()
     outcomes: dict[Path, ShardOutcome] = {}
-    with mp.get_context("fork").Pool(min(len(jobs), sc.workers or os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(keyed), desc="shard", unit="img", disable=None) as progress:
-        # Largest shards first, so that no worker is left with a big one at the end.
-        for done in pool.imap_unordered(write_shard, sorted(jobs, key=lambda j: -len(j.members))):
+    reused = 0
+    with tqdm(total=len(keyed), desc="shard", unit="img", disable=None) as progress:
+        def on_done(done: ShardOutcome, was_reused: bool) -> None:
+            nonlocal reused
             outcomes[done.job.path] = done
+            reused += was_reused
             progress.update(len(done.job.members))
+
+        fps = [fingerprint(j, digests, FORMAT_VERSION) for j in jobs]
+        run_jobs(jobs, fps, sc, resume, on_done)
     split_info: dict[str, dict] = {}
     sharded: list[tuple[str, FaceRecord]] = []
     for split in by_split:
@@ -339,4 +358,8 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
     tmp = out / (MANIFEST + PARTIAL)
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST)  # last: a shard set without a manifest is incomplete
+    for job in jobs:  # the manifest now says what the records said
+        done_path(job.path).unlink(missing_ok=True)
+    if resume:
+        tqdm.write(f"resume: {reused} of {len(jobs)} shards were already written and check out; kept")
     return manifest

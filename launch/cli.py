@@ -44,12 +44,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
         extra.append("data.shard.splits=" + json.dumps(splits))
-    for flag, key in (("seed", "seed"), ("max_side", "max_side"), ("workers", "workers")):
+    for flag, key in (("seed", "seed"), ("max_side", "max_side"), ("workers", "workers"), ("executor", "executor")):
         if getattr(args, flag) is not None:
             extra.append(f"data.shard.{key}={getattr(args, flag)}")
     cfg = _config(args, extra)
     m = shard_datasets(list(zip(args.dataset, args.src)), args.out, cfg.data, overwrite=args.overwrite,
-                       resolved_config=resolved(cfg))
+                       resume=args.resume, resolved_config=resolved(cfg))
     for split, info in m["splits"].items():
         print(f"{split:>6}: {info['count']:6d} samples in {len(info['shards'])} shards")
     print(f"rejected: {len(m['rejected'])} (reasons in {args.out / 'manifest.json'})")
@@ -262,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split and shuffle seed")
     p.add_argument("--max-side", type=int, help="shrink images whose longer side is above this (re-encodes JPEG)")
     p.add_argument("--workers", type=int, help="decode-check processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier shard set in OUT")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="local: a process pool (default); ray: one Ray task per shard, on the cluster at "
+                        "data.shard.ray_address or a private local instance (= data.shard.executor)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier shard set in OUT")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into OUT: shards already written whose record and sha256 "
+                        "check out are kept, the rest written")
     _add_config_args(p)
     p.set_defaults(func=cmd_shard)
 

@@ -10,7 +10,6 @@ Layout of OUT:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from base.config import resolved
@@ -21,29 +20,10 @@ EXPERIMENT = "ray"
 STATE = "sweep.json"
 
 
-def _ray_env() -> None:
-    """Ray 2.60 writes an auth token under ~ unless auth is off, and reports usage over the
-    network unless told not to; a local sweep needs neither."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Tune warns when trials report checkpoints often; ours do once per validation, by design.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-
-
 def _start_ray(spec: SweepSpec) -> None:
-    import ray
+    from cluster.ray_session import start_ray
 
-    if spec.ray.address:
-        ray.init(address=spec.ray.address, log_to_driver=False)
-    else:
-        # address="local": always a new private instance, never a cluster left running by others;
-        # the watchdog stops its processes if this driver dies without shutting it down.
-        from search import reaper
-
-        reaper.start()
-        ray.init(address="local", num_cpus=spec.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="WARNING")
+    start_ray(spec.ray.address, spec.ray.num_cpus)
 
 
 def _sampler(kind: str, args):
@@ -121,7 +101,6 @@ def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
     base_raw = resolved(base)
     (out / STATE).write_text(json.dumps({"spec": spec.model_dump(mode="json"), "base": base_raw,
                                          "spec_file": str(spec_path)}, indent=1) + "\n")
-    _ray_env()
     _start_ray(spec)
     space = {k: _sampler(*next(iter(v.items()))) for k, v in spec.space.items()}
     if spec.variants:
@@ -147,7 +126,6 @@ def resume_sweep(out: Path) -> dict:
     if not tune.Tuner.can_restore(str(out / EXPERIMENT)):
         raise UserError(f"{out / EXPERIMENT}: no Ray Tune experiment state to resume (the sweep stopped before "
                         f"its first trial started); start it again with another --out")
-    _ray_env()
     _start_ray(spec)
     tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=_trainable(spec, state["base"], out),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)

@@ -2,7 +2,7 @@
 
 With a header row the columns are found by name (`path` and `age` required); without one they
 are taken in that order. Paths are relative to the CSV's folder. gender: 0/m/male, 1/f/female
-or empty for unknown. `body`: an optional second crop of the same person (a wider, body crop
+or empty for unknown. `body` (with a header only): an optional second crop of the same person (a wider, body crop
 for MiVOLO), stored as `<key>.body.jpg`; empty where there is none. A row with a bad value, or with more or fewer fields than the header,
 is rejected (listed in the manifest) with its line number and reason.
 """
@@ -22,6 +22,7 @@ from data_pipeline.records import FaceRecord, Rejected
 
 SOURCE = "csv"
 COLUMNS = ("path", "age", "gender", "race", "subject", "body")
+POSITIONAL = COLUMNS[:5]  # without a header; a body column needs the header (it names the crop's column)
 
 
 @register_dataset("csv", "CSV file of path,age[,gender][,race][,subject], paths relative to the CSV")
@@ -41,7 +42,7 @@ def read(src: Path, cfg: IngestConfig) -> Iterator[FaceRecord | Rejected]:
             raise UserError(f"{src}: unknown column(s) {', '.join(sorted(unknown))}; allowed: {', '.join(COLUMNS)}")
         cols, body, allowed = header, rows[1:], range(len(header), len(header) + 1)
     else:
-        cols, body, allowed = list(COLUMNS), rows, range(2, len(COLUMNS) + 1)
+        cols, body, allowed = list(POSITIONAL), rows, range(2, len(POSITIONAL) + 1)
     for line, row in body:
         if not row or not any(c.strip() for c in row):
             continue

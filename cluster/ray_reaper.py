@@ -1,4 +1,5 @@
-"""A watchdog for the local Ray instance an `agescale tune` driver starts.
+"""A watchdog for the local Ray instance an `agescale tune` or `agescale shard --executor ray`
+driver starts.
 
 Why: when the driver dies without `ray.shutdown()` (kill -9, the OOM killer), Ray's own
 fate-sharing stops the raylet and GCS, but the dashboard and runtime-env agents the raylet
@@ -23,7 +24,7 @@ def start() -> None:
     """Watch this process (the driver); idempotent."""
     global _watchdog
     if _watchdog is None or _watchdog.poll() is not None:
-        _watchdog = subprocess.Popen([sys.executable, "-m", "search.reaper", str(os.getpid())],
+        _watchdog = subprocess.Popen([sys.executable, "-m", "cluster.ray_reaper", str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True, close_fds=True)
 

@@ -1,0 +1,151 @@
+"""Where `agescale shard`'s shard-writing tasks run, and how an interrupted run is resumed.
+
+`data.shard.executor`:
+  local  a process pool on this machine (`data.shard.workers` processes);
+  ray    one Ray task per shard on whichever node has a free CPU (`data.shard.ray_address`, or a
+         private local instance); the tasks read the sources and write the shards themselves,
+         so sources and `--out` must be on a filesystem every node sees. A task whose worker dies
+         is retried (`MAX_RETRIES`); the output is byte-identical to the local executor's.
+Each finished shard leaves `<tar>.done.json`: the job's fingerprint (its samples' keys, labels,
+input sha256s and the settings), the shard's info and which samples it kept. `--resume` keeps
+a shard whose record matches the job and whose tar and index still hash to the recorded
+sha256, and writes only the others. The records are removed once the manifest is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from base.errors import UserError
+from data_pipeline.config import ShardConfig
+from data_pipeline.records import Rejected
+
+DONE_SUFFIX = ".done.json"
+MAX_RETRIES = 3
+# Fault injection for the tests, "<shard file name>:<marker path>": the worker writing that shard
+# dies (os._exit) half-way, once (while the marker file does not exist), the way an OOM kill or a
+# lost node ends a task.
+KILL_ENV = "AGESCALE_TEST_KILL_SHARD"
+
+
+def done_path(tar: Path) -> Path:
+    return tar.with_name(tar.name + DONE_SUFFIX)
+
+
+def fingerprint(job, digests: dict[int, str], format_version: int) -> str:
+    """What the shard's bytes depend on; `digests` maps id(record) to its input's sha256."""
+    from data_pipeline.shard import input_name
+
+    def body(rec):
+        if rec.body is None or isinstance(rec.body, bytes):
+            return None if rec.body is None else hashlib.sha256(rec.body).hexdigest()
+        st = rec.body.stat()
+        return [str(rec.body), st.st_size, st.st_mtime_ns]
+
+    payload = [format_version, job.split, job.path.name, job.max_side, job.jpeg_quality,
+               [[key, input_name(rec), digests.get(id(rec)), rec.age, rec.gender, rec.race, rec.subject, body(rec)]
+                for key, rec in job.members]]
+    return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
+
+
+def maybe_die(job, written: int) -> None:
+    name, _, marker_path = os.environ.get(KILL_ENV, "").partition(":")
+    if marker_path and written == 1 and job.path.name == name:
+        marker = Path(marker_path)
+        if not marker.exists():
+            marker.write_text("killed once by the test hook\n")
+            os._exit(1)
+
+
+def _sha(path: Path) -> str | None:
+    from data_pipeline.shard import sha256_file
+
+    return sha256_file(path) if path.is_file() else None
+
+
+def write_recorded(job, fp: str):
+    """Write one shard, then its record (atomically: a record means a complete shard)."""
+    from data_pipeline.shard import write_shard
+
+    outcome = write_shard(job)
+    record = {"fingerprint": fp, "info": outcome.info, "kept": [k for k, _ in outcome.kept],
+              "rejected": [[r.source, r.input, r.reason] for r in outcome.rejected]}
+    tmp = done_path(job.path).with_suffix(".partial")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, done_path(job.path))
+    return outcome
+
+
+def reuse(job, fp: str):
+    """The outcome recorded for this job if its shard is still intact, else None."""
+    from data_pipeline.shard import ShardOutcome
+
+    try:
+        record = json.loads(done_path(job.path).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fp:
+        return None
+    info = record.get("info")
+    if info is not None and (_sha(job.path) != info["sha256"] or _sha(job.path.with_suffix(".idx")) != info["index_sha256"]):
+        return None
+    kept = set(record["kept"])
+    return ShardOutcome(job, info, [(k, rec) for k, rec in job.members if k in kept],
+                        [Rejected(*r) for r in record["rejected"]])
+
+
+def _write_pair(pair):
+    return write_recorded(*pair)
+
+
+def run_jobs(jobs: Sequence, fps: Sequence[str], cfg: ShardConfig, resume: bool,
+             on_done: Callable[[object, bool], None]) -> None:
+    """Run (or, with `resume`, re-use) every job; `on_done(outcome, reused)` for each."""
+    todo = []
+    for job, fp in zip(jobs, fps, strict=True):
+        old = reuse(job, fp) if resume else None
+        if old is not None:
+            on_done(old, True)
+        else:
+            done_path(job.path).unlink(missing_ok=True)
+            todo.append((job, fp))
+    # Largest shards first, so that no worker is left with a big one at the end.
+    todo.sort(key=lambda pair: -len(pair[0].members))
+    if not todo:
+        return
+    runner = _run_ray if cfg.executor == "ray" else _run_local
+    for outcome in runner(todo, cfg):
+        on_done(outcome, False)
+
+
+def _run_local(todo, cfg: ShardConfig) -> Iterator:
+    with mp.get_context("fork").Pool(min(len(todo), cfg.workers or os.cpu_count() or 1)) as pool:
+        yield from pool.imap_unordered(_write_pair, todo)
+
+
+def _run_ray(todo, cfg: ShardConfig) -> Iterator:
+    import ray
+
+    from cluster.ray_session import start_ray
+
+    start_ray(cfg.ray_address, cfg.workers)
+    try:
+        # retry_exceptions=False: a task is retried when its worker dies, not for a Python error
+        # (a full disk fails the same way again, and the error should reach the user at once)
+        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(write_recorded)
+        pending = {task.remote(job, fp): job for job, fp in todo}
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready)
+            try:
+                yield ray.get(ready)
+            except ray.exceptions.WorkerCrashedError:
+                raise UserError(f"{job.path}: the task writing it died {MAX_RETRIES + 1} times; see Ray's logs "
+                                "(out of memory?); start again with --resume to keep the shards already written") from None
+    finally:
+        ray.shutdown()
