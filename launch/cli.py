@@ -200,9 +200,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- bench
 
 def cmd_bench_shard(args: argparse.Namespace) -> int:
-    from bench.shard import run
+    from bench.shard import run, run_synthetic
 
-    return _emit(run(args.src, workers=args.workers), args.out)
+    if args.synthetic is not None:
+        return _emit(run_synthetic(args.synthetic, workers=args.workers), args.out)
+    return _emit(run(args.src, workers=args.workers, rounds=args.rounds), args.out)
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> int:
@@ -369,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Images/s of `agescale shard` against a bare PIL decode with the same number of "
                                     "processes, and `tar cf` of the same files.")
     b.add_argument("--src", type=Path, default=Path("../shared/data/utkface"), help="folder of UTKFace JPEGs")
+    b.add_argument("--synthetic", type=int, metavar="N",
+                   help="instead: generate N UTKFace-like JPEGs in a temporary folder and report images/s at 20k, "
+                        "50k and N, the driver's peak RSS and the loader's start-up on the result")
+    b.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported (default 5)")
     b.add_argument("--workers", type=int, help="processes for both (default: all cores)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_shard)

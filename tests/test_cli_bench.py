@@ -38,10 +38,20 @@ def test_bench_shard_json(tmp_path, sample_jpegs):
     src = tmp_path / "src"
     for f in sample_jpegs[:200]:
         fixtures.put(f, src / f.name)
-    r = run_cli("bench", "shard", "--src", src, "--out", tmp_path / "b.json", check=True)
+    r = run_cli("bench", "shard", "--src", src, "--rounds", "3", "--out", tmp_path / "b.json", check=True)
     out = json.loads((tmp_path / "b.json").read_text())
     assert out == json.loads(r.stdout) and out["images"] == 200 and out["target"] == 0.8
+    assert all(len(v) == 3 for v in out["rounds_img_s"].values())
+    assert out["agescale_shard_img_s"] == sorted(out["rounds_img_s"]["shard"])[1]      # the median round
     assert out["ratio"] == pytest.approx(out["agescale_shard_img_s"] / out["bare_decode_img_s"], rel=0.01)
+
+
+def test_bench_shard_synthetic_scale_json(tmp_path):
+    r = run_cli("bench", "shard", "--synthetic", "1500", "--out", tmp_path / "s.json", check=True)
+    out = json.loads((tmp_path / "s.json").read_text())
+    assert [s["images"] for s in out["sizes"]] == [1500] and out["sizes"][0]["img_s"] > 0
+    assert abs(out["loader"]["samples"] - 1500 * 0.9) <= 10 and out["loader"]["startup_s"] > 0
+    assert out["sizes"][0]["driver_peak_rss_mb"] > 20 and out["sizes"][0]["manifest_bytes_per_sample"] > 0
 
 
 def test_bench_loader_json(utk_shards, tmp_path):
