@@ -5,16 +5,20 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/agescale/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: venv test test-fast demo tune-demo slurm-up slurm-down bench clean shards-full
+.PHONY: venv test test-fast test-heavy demo tune-demo slurm-up slurm-down bench clean shards-full
 
 venv:
 	@scripts/ensure_venv.sh
 
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not heavy"
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not heavy"
+
+# The transformer families' 64-image overfit tests (~1-3.5 min each on 2 cores).
+test-heavy: venv
+	$(PY) -m pytest -m heavy
 
 # Shard the repo's sample, train a small model on the CPU (DALI CPU backend), test it.
 demo: venv

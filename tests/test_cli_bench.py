@@ -49,6 +49,7 @@ def test_bench_shard_json(tmp_path, sample_jpegs):
 def test_bench_shard_synthetic_scale_json(tmp_path):
     r = run_cli("bench", "shard", "--synthetic", "1500", "--out", tmp_path / "s.json", check=True)
     out = json.loads((tmp_path / "s.json").read_text())
+    assert out == json.loads(r.stdout)
     assert [s["images"] for s in out["sizes"]] == [1500] and out["sizes"][0]["img_s"] > 0
     assert abs(out["loader"]["samples"] - 1500 * 0.9) <= 10 and out["loader"]["startup_s"] > 0
     assert out["sizes"][0]["driver_peak_rss_mb"] > 20 and out["sizes"][0]["manifest_bytes_per_sample"] > 0

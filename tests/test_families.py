@@ -85,13 +85,14 @@ def test_onnx_runtime_matches_torch(kw, tmp_path):
         assert np.abs(a - b).max() <= 1e-4, name
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("kw", [MIVOLO, SWINFACE], ids=["mivolo", "swinface"])
 def test_family_overfits_64_real_images(batch64, kw):
     """Like every method on ResNet-18 (test_overfit.py): training MAE < 3 years on 64 real faces,
-    here at 32 px so that the two transformers fit the suite's time."""
+    here at 32 px with LDL. `heavy` (make test-heavy): measured 203 s (MiVOLO) and 60 s
+    (SwinFace) on the idle 2-core machine on 2026-12-02, too long for `make test`."""
     torch.manual_seed(0)
-    cfg = ModelConfig(**kw)
+    cfg = ModelConfig(**{**kw, "method": "ldl"})  # the family's trunk is under test; the methods have theirs
     model = create_model(cfg, SIZE)
     images = torch.nn.functional.interpolate(batch64["image"], size=SIZE, mode="bilinear", antialias=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

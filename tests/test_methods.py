@@ -10,6 +10,9 @@ from base.errors import UserError
 
 
 def test_registry():
+    from trainer.config import METHOD_NAMES
+
+    assert tuple(m.name for m in list_methods()) == METHOD_NAMES  # the config's copy, kept in step
     assert {m.name for m in list_methods()} == {"l1", "l2", "smooth_l1", "dex", "coral", "mean_variance",
                                                  "mean_residue", "ldl", "drf", "l2_range", "gaussian_blend"}
     with pytest.raises(UserError, match="unknown age method 'dldl'"):

@@ -8,6 +8,10 @@ from pydantic import Field, field_validator, model_validator
 
 from base.config import Strict
 
+# The registered age methods' names, here so that loading a config (`agescale shard` too) needs
+# no torch; tests/test_methods.py asserts it equals the registry.
+METHOD_NAMES = ("coral", "dex", "drf", "gaussian_blend", "l1", "l2", "l2_range", "ldl", "mean_residue",
+                "mean_variance", "smooth_l1")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224")
 
 
@@ -69,11 +73,8 @@ class ModelConfig(Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from trainer.methods import list_methods  # the registry (imports torch, so only when validating)
-
-        known = [m.name for m in list_methods()]
-        if v not in known:
-            raise ValueError(f"unknown age method; known: {', '.join(known)}")
+        if v not in METHOD_NAMES:
+            raise ValueError(f"unknown age method; known: {', '.join(METHOD_NAMES)}")
         return v
 
     @model_validator(mode="after")
@@ -90,12 +91,15 @@ class ModelConfig(Strict):
                                  f"{example}), not {self.backbone!r}")
         if self.attention and self.architecture != "timm":
             raise ValueError(f"attention pooling is for architecture timm; {self.architecture} has its own")
-        from trainer.methods import create_method
+        if self.method_args:
+            # the method checks its options (this imports torch, so a config without options,
+            # e.g. `agescale shard`'s, skips it; the age range is checked above)
+            from trainer.methods import create_method
 
-        try:
-            create_method(self.method, min_age=self.min_age, max_age=self.max_age, **self.method_args)
-        except Exception as e:  # UserError from the method: name it here, at load time
-            raise ValueError(str(e)) from None
+            try:
+                create_method(self.method, min_age=self.min_age, max_age=self.max_age, **self.method_args)
+            except Exception as e:  # UserError from the method: name it here, at load time
+                raise ValueError(str(e)) from None
         return self
 
 

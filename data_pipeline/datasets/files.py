@@ -14,8 +14,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def image_files(root: Path) -> Iterator[Path]:
     """Image files under `root` in a stable order (sorted relative paths), hidden files skipped."""
+    for path, _ in image_files_with_ids(root):
+        yield path
+
+
+def image_files_with_ids(root: Path) -> Iterator[tuple[Path, str]]:
+    """(path, id relative to `root` in posix form) per image file, as `image_files` orders them.
+    The id comes from the walk itself: a stat and a relative_to per file cost 20 us, a sixth of
+    the sharder's serial time on 6,000 files."""
     if root.is_file():
-        yield root
+        yield root, root.name
         return
     found = []
     for folder, dirs, names in os.walk(root):
@@ -24,18 +32,13 @@ def image_files(root: Path) -> Iterator[Path]:
         found += [n if rel == "." else f"{rel}/{n}" for n in names
                   if not n.startswith(".") and n.lower().endswith(IMAGE_SUFFIXES)]
     for rel in sorted(found):
-        yield root / rel
-
-
-def relative_id(path: Path, root: Path) -> str:
-    return path.name if root.is_file() else path.relative_to(root).as_posix()
+        yield root / rel, rel
 
 
 def records_from_names(src: Path, source: str, parse: Callable[[str], dict]) -> Iterator[FaceRecord | Rejected]:
     """For datasets whose labels live in the file name: `parse(name)` returns the FaceRecord's
     label fields or raises ValueError saying what is wrong with the name."""
-    for path in image_files(src):
-        rid = relative_id(path, src)
+    for path, rid in image_files_with_ids(src):
         try:
             labels = parse(path.name)
         except ValueError as e:
