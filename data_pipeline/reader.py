@@ -74,7 +74,9 @@ class ShardIndex:
                     raise DataError(f"{idx}: sample {key} lacks an image or {LABELS_EXT}")
                 body = next((comps[BODY_PREFIX + e] for e in IMAGE_EXTS if BODY_PREFIX + e in comps), None)
                 self.samples.append(SampleRef(sid, key, comps[ext], comps[LABELS_EXT], body))
-        self.has_body = any(s.body is not None for s in self.samples)
+        # which samples carry a body crop, once: the loaders mask the others' body to zeros per batch
+        self.body_mask = np.array([s.body is not None for s in self.samples], dtype=bool)
+        self.has_body = bool(self.body_mask.any())
         self._labels = np.stack([self._read_labels(i) for i in range(len(self.samples))]) if self.samples \
             else np.zeros((0, 3), "<f4")
 

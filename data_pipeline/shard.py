@@ -38,7 +38,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import create_dataset
 from data_pipeline.images import prepare_image
 from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin, age_bin_names, check_age, sample_key
-from data_pipeline.shard_exec import done_path, fingerprint, maybe_die, run_jobs
+from data_pipeline.shard_exec import die_once, done_path, fingerprint, kill_point, run_jobs
 from data_pipeline.split import assign_splits, even_chunks, shard_count
 from data_pipeline.tarshard import ShardWriter
 
@@ -250,9 +250,11 @@ def write_shard(job: ShardJob) -> ShardOutcome:
     """Decode-check and write one shard (runs in a worker process; one shard per task, so the
     parent only coordinates and nothing but labels crosses the process boundary)."""
     kept, rejected = [], []
+    kill_marker = kill_point(job)
     with ShardWriter(job.path) as writer:
         for key, rec in job.members:
-            maybe_die(job, len(writer.keys))
+            if kill_marker is not None and len(writer.keys) == 1:
+                die_once(kill_marker)
             img = prepare_image(rec.image, job.max_side, job.jpeg_quality)
             if not img.ok:
                 rejected.append(Rejected(rec.source, rec.original_id, img.reason))

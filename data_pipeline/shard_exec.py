@@ -53,13 +53,17 @@ def fingerprint(job, digests: dict[int, str], format_version: int) -> str:
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
 
 
-def maybe_die(job, written: int) -> None:
+def kill_point(job) -> Path | None:
+    """The test hook's marker when this job is the one to die in, else None (read once per shard,
+    not per sample)."""
     name, _, marker_path = os.environ.get(KILL_ENV, "").partition(":")
-    if marker_path and written == 1 and job.path.name == name:
-        marker = Path(marker_path)
-        if not marker.exists():
-            marker.write_text("killed once by the test hook\n")
-            os._exit(1)
+    return Path(marker_path) if marker_path and job.path.name == name else None
+
+
+def die_once(marker: Path) -> None:
+    if not marker.exists():
+        marker.write_text("killed once by the test hook\n")
+        os._exit(1)
 
 
 def _sha(path: Path) -> str | None:

@@ -18,7 +18,7 @@ from data_pipeline.records import GENDERS, RACES
 from trainer import calibration
 
 DEFAULT_EDGES = tuple(range(0, 101, 10))  # groups 0-9, ..., 90-99, 100+
-MIN_FACES_PER_CELL = 5  # a race counts in an age group's comparison from this many faces (as report.py)
+MIN_FACES_PER_CELL = 5  # a race counts in an age group's comparison from this many faces (here and in report.py)
 
 
 class AgeMetrics:

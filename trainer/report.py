@@ -16,7 +16,7 @@ from data_pipeline.loaders import create_loader
 from data_pipeline.records import RACES
 from trainer import calibration
 from trainer.load import load_trained, run_dir_of
-from trainer.metrics import DEFAULT_EDGES, AgeMetrics
+from trainer.metrics import DEFAULT_EDGES, MIN_FACES_PER_CELL, AgeMetrics
 from trainer.models import Ensemble
 
 
@@ -65,7 +65,7 @@ def race_by_age_bin(data: dict, edges=DEFAULT_EDGES) -> dict:
         if not in_bin.any():
             continue
         per = {RACES[r]: round(float(err[in_bin & (data["race"] == r)].mean()), 3)
-               for r in RACES if (in_bin & (data["race"] == r)).sum() >= 5}
+               for r in RACES if (in_bin & (data["race"] == r)).sum() >= MIN_FACES_PER_CELL}
         table[name] = {"count": int(in_bin.sum()), "mae": per,
                        "spread": round(max(per.values()) - min(per.values()), 3) if len(per) > 1 else None}
     return table

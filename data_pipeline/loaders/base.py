@@ -92,9 +92,6 @@ class Loader:
         """The shards carry a second crop (`<key>.body.jpg`) for some samples: batches get "body"."""
         return bool(getattr(self.index, "has_body", False))
 
-    def has_body(self, idx: np.ndarray) -> torch.Tensor:
-        return torch.tensor([self.index.samples[i].body is not None for i in idx])
-
     def _batch(self, idx: np.ndarray, valid: np.ndarray, images, bad: set[int]) -> dict:
         """`images`: the face tensor, or (face, body) when the shards carry body crops; a sample
         without a body crop gets a zero (normalised) image, which is what MiVOLO reads as "none"."""
@@ -104,7 +101,8 @@ class Loader:
         extra = {}
         if isinstance(images, tuple):
             images, body = images
-            extra["body"] = body * self.has_body(idx).to(body.device, body.dtype)[:, None, None, None]
+            mask = torch.from_numpy(self.index.body_mask[idx]).to(body.device, body.dtype)
+            extra["body"] = body * mask[:, None, None, None]
         return {"image": images, **extra, "age": torch.from_numpy(labels[:, 0].copy()),
                 "gender": torch.from_numpy(labels[:, 1].astype(np.int64)),
                 "race": torch.from_numpy(labels[:, 2].astype(np.int64)),
