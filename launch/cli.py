@@ -115,8 +115,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_bundle
 
-    export_bundle(args.run, out_dir(args.out), tta=args.tta)
-    print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json")
+    if args.format == "triton":
+        import tempfile
+
+        from trainer.export_triton import write_repository
+
+        out = out_dir(args.out)
+        with tempfile.TemporaryDirectory() as tmp:
+            export_bundle(args.run, Path(tmp), tta=args.tta, detector=False)
+            model_dir = write_repository(Path(tmp), out, max_batch_size=args.max_batch_size)
+        print(f"wrote the Triton model repository {out}: {model_dir.name}/config.pbtxt, {model_dir.name}/1/model.onnx")
+        return 0
+    export_bundle(args.run, out_dir(args.out), tta=args.tta, detector=not args.no_detector)
+    print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json"
+          + ("" if args.no_detector else " detector/"))
     return 0
 
 
@@ -129,6 +141,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = expand(args.images)
     if not files:
         raise UserError("no images given (files or folders)")
+    if not args.no_detect:
+        return _predict_photos(args, files)
     failed = 0
     for r in Predictor(args.bundle).predict(files, batch_size=args.batch_size):
         failed += "error" in r
@@ -164,6 +178,34 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"best: {result['best_trial']} (validation MAE {result['best_val_mae']:.3f}) -> {out / 'best.yaml'}")
     print(f"wrote {out / 'results.csv'}, {out / 'results.json'}, {out / 'val_mae.png'}")
     return 0 if result["best_trial"] else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from cluster.ray_session import start_ray
+    from serving.service import Limits, build_app
+
+    if not (args.bundle / "model.onnx").exists():
+        raise UserError(f"{args.bundle}: no model.onnx (make one with `agescale export RUN --out BUNDLE`)")
+    limits = Limits(max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels,
+                    request_timeout_s=args.timeout_s, max_batch_size=args.max_batch_size,
+                    batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+    start_ray(args.address, num_cpus=None)
+    from ray import serve
+
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config={"log_level": "WARNING"})
+    app = build_app(args.bundle.resolve(), limits, args.replicas, args.cpus_per_replica)
+    serve.run(app, name="agescale", route_prefix="/")
+    print(f"serving {args.bundle} on http://{args.host}:{args.port}/ ({args.replicas} replica(s), batches of up to "
+          f"{args.max_batch_size} requests, {args.batch_wait_ms} ms wait); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    return 0
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -218,6 +260,38 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps, rounds=args.rounds,
                      compiled=args.compiled), args.out)
+
+
+def _predict_photos(args: argparse.Namespace, files: list[Path]) -> int:
+    from serving.photo import PhotoPredictor
+
+    predictor = PhotoPredictor(args.bundle)
+    if args.annotate:
+        out_dir(args.annotate, "--annotate").mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for r in predictor.predict(files, annotate_dir=args.annotate):
+        failed += "error" in r
+        if args.json:
+            print(json.dumps(r))
+        elif "error" in r:
+            print(f"{r['file']}: error: {r['error']}")
+        elif not r["faces"]:
+            print(f"{r['file']}: {r['note']}")
+        else:
+            for i, f in enumerate(r["faces"]):
+                iv = f" (90%: {f['interval90'][0]:.0f}-{f['interval90'][1]:.0f})" if "interval90" in f else ""
+                sex = f"  P(female) {f['female_prob']:.2f}" if "female_prob" in f else ""
+                box = ",".join(f"{v:.0f}" for v in f["box"])
+                print(f"{r['file']} face {i + 1} [{box}] score {f['detection_score']:.2f}: age {f['age']:.1f}{iv}{sex}")
+    return 1 if failed else 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve import run
+
+    return _emit(run(args.bundle, args.images, requests=args.requests, rounds=args.rounds, soak_s=args.soak_s,
+                     payload=args.payload, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                     port=args.port), args.out)
 
 
 def cmd_bench_predict(args: argparse.Namespace) -> int:
@@ -315,15 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="bundle folder")
     p.add_argument("--tta", choices=("none", "hflip"),
                    help="flip test-time augmentation inside model.onnx (default: the run's model.tta)")
+    p.add_argument("--format", choices=("bundle", "triton"), default="bundle",
+                   help="bundle (default; for predict and serve) or a Triton model repository "
+                        "(OUT/agescale/config.pbtxt + 1/model.onnx)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=64, help="triton: max_batch_size")
+    p.add_argument("--no-detector", action="store_true", help="leave the face detector out of the bundle")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="predict age, 90%% interval and gender from images with a bundle",
-                       description="Uses ONNX Runtime, NumPy and Pillow only. Images of any size are resized as "
-                                   "preprocess.json says; expects aligned face crops (no face detector is bundled).")
+                       description="Uses ONNX Runtime, NumPy and Pillow only. Finds every face in each photo "
+                                   "(MTCNN from the bundle), aligns it like the training crops and predicts; "
+                                   "--no-detect takes pre-aligned face crops and resizes them as preprocess.json says.")
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE_OR_DIR")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per ONNX Runtime call")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="--no-detect: images per ONNX Runtime call")
+    p.add_argument("--no-detect", action="store_true",
+                   help="the images are aligned face crops (UTKFace-style): no detection, one result per image")
+    p.add_argument("--annotate", type=Path, metavar="OUT_DIR",
+                   help="write each photo with boxes, landmarks and labels drawn to OUT_DIR")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("tune", help="Ray Tune sweep over losses, augmentation and optimizer settings",
@@ -337,6 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="sweep folder")
     p.add_argument("--resume", type=Path, metavar="OUT", help="continue the sweep in OUT")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="HTTP service on Ray Serve: POST /predict with a photo",
+                       description="A Ray Serve deployment with a FastAPI ingress: POST /predict (multipart field "
+                                   "'file' or a raw image body) returns the JSON of `predict --json`; GET /healthz, "
+                                   "/readyz, /metadata, /stats and an upload page at /. Faces of concurrent requests "
+                                   "share ONNX Runtime calls (@serve.batch).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--replicas", type=_positive_int, default=1)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads per replica (default: its own)")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32,
+                   help="requests per model call (1 turns dynamic batching off)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--max-upload-mb", type=_positive_int, default=10)
+    p.add_argument("--max-pixels", type=_positive_int, default=40_000_000)
+    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit (408 past it)")
+    p.add_argument("--address", help="join a running Ray cluster ('auto' or host:port) instead of a local one")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("slurm", help="write (and submit) an sbatch script: srun x torchrun per node",
                        description="An sbatch script for CONFIG: one srun task per node running torchrun with a "
@@ -407,6 +512,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=Path, default=Path("data/sample/utkface"), help="folder with >= 32 images")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_predict)
+    b = bsub.add_parser("serve", help="the HTTP service under locust load: batching on vs off, then a soak",
+                        description="Starts the bundle on Ray Serve twice (dynamic batching on and off), drives "
+                                    "each with locust (headless) at concurrency 1, 8 and 32 on loopback, interleaved "
+                                    "rounds, medians; then a soak with 1%% corrupt uploads. ratio = throughput "
+                                    "with batching / without at concurrency 32 (target 1.5).")
+    b.add_argument("bundle", type=Path)
+    b.add_argument("--images", type=Path, default=Path("data/sample/utkface"), help="face crops for the payloads")
+    b.add_argument("--payload", choices=("crop", "photo"), default="crop",
+                   help="crop: aligned crops (?detect=false); photo: composited photos with 1-4 faces (detection on)")
+    b.add_argument("--requests", type=_positive_int, default=400, help="requests per locust run")
+    b.add_argument("--rounds", type=_positive_int, default=2)
+    b.add_argument("--soak-s", type=float, default=120.0, help="soak length (0 skips it)")
+    b.add_argument("--max-batch-size", type=_positive_int, default=32)
+    b.add_argument("--batch-wait-ms", type=float, default=10.0)
+    b.add_argument("--port", type=_positive_int, default=8765)
+    b.add_argument("--out", type=Path, help="also write the JSON here")
+    b.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -17,7 +17,8 @@ fi
 [ -n "$PY" ] || { echo "ensure_venv: Python 3.11 not found (set AGESCALE_PYTHON)" >&2; exit 1; }
 
 # Hash of the [project] dependencies block only, so README edits don't rebuild 7 GB.
-deps_hash=$(sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | sha256sum | cut -c1-16)
+deps_hash=$( { sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml; sed -n '/^no_deps = \[/,/^\]/p' pyproject.toml; } \
+  | sha256sum | cut -c1-16)
 
 if [ -n "${AGESCALE_VENV_CACHE:-}" ]; then
   target="$AGESCALE_VENV_CACHE/venv-$deps_hash"
@@ -34,6 +35,8 @@ if [ ! -f "$target/.deps-$deps_hash" ]; then
   sed -n '/^dependencies = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"' > "$target/requirements.txt"
   # (the machine's pip config lists local indexes that print a warning per package; hide those)
   "$target/bin/python" -m pip install -q -r "$target/requirements.txt" 2> >(grep -v '^WARNING: Location' >&2)
+  sed -n '/^no_deps = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*"' | tr -d '"' > "$target/requirements-nodeps.txt"
+  "$target/bin/python" -m pip install -q --no-deps -r "$target/requirements-nodeps.txt" 2> >(grep -v '^WARNING: Location' >&2)
   touch "$target/.deps-$deps_hash"
 fi
 

@@ -90,6 +90,20 @@ class Predictor:
         hi = (cdf < (1 + level) / 2).sum(1).clip(max=len(self.ages) - 1)
         return np.stack([self.ages[lo], self.ages[hi]], axis=1)
 
+    def predict_arrays(self, batch: np.ndarray) -> list[dict]:
+        """Age, 90 % interval and P(female) for preprocessed inputs (N, 3, S, S)."""
+        out = self.run(batch)
+        intervals = self.interval(out["age"].astype(np.float64), out.get("distribution"))
+        results = []
+        for i in range(len(batch)):
+            r = {"age": round(float(out["age"][i]), 2)}
+            if intervals is not None:
+                r["interval90"] = [round(float(intervals[i, 0]), 2), round(float(intervals[i, 1]), 2)]
+            if "gender_prob" in out:
+                r["female_prob"] = round(float(out["gender_prob"][i]), 4)
+            results.append(r)
+        return results
+
     def predict(self, paths: list[Path], batch_size: int = 32) -> Iterator[dict]:
         """One result per path, in order; a file that is not an image gives an `error` entry."""
         for start in range(0, len(paths), batch_size):
@@ -101,15 +115,8 @@ class Predictor:
                 except Exception as e:  # Pillow raises many types for non-images
                     results[p] = {"file": str(p), "error": f"not a readable image ({type(e).__name__}: {e})"}
             if arrays:
-                out = self.run(np.stack([a for _, a in arrays]))
-                intervals = self.interval(out["age"].astype(np.float64), out.get("distribution"))
-                for i, (p, _) in enumerate(arrays):
-                    r = {"file": str(p), "age": round(float(out["age"][i]), 2)}
-                    if intervals is not None:
-                        r["interval90"] = [round(float(intervals[i, 0]), 2), round(float(intervals[i, 1]), 2)]
-                    if "gender_prob" in out:
-                        r["female_prob"] = round(float(out["gender_prob"][i]), 4)
-                    results[p] = r
+                for (p, _), r in zip(arrays, self.predict_arrays(np.stack([a for _, a in arrays]))):
+                    results[p] = {"file": str(p), **r}
             yield from (results[p] for p in chunk)
 
 

@@ -62,13 +62,16 @@ def test_evaluate_an_ensemble(trained_run, utk_shards, tmp_path):
 
 def test_bundle_contents(bundle, trained_run):
     assert {p.name for p in bundle.iterdir()} == {"model.safetensors", "model.onnx", "preprocess.json",
-                                                  "labels.json", "card.md", "card.json"}
+                                                  "labels.json", "card.md", "card.json", "detector"}
+    assert {p.name for p in (bundle / "detector").iterdir()} == {"pnet.onnx", "rnet.onnx", "onet.onnx", "detector.json"}
     pre, labels = json.loads((bundle / "preprocess.json").read_text()), json.loads((bundle / "labels.json").read_text())
     assert pre["input_size"] == 32 and pre["channel_order"] == "RGB" and len(pre["mean"]) == 3
     assert labels["method"] == "dex" and labels["output_names"] == ["age", "distribution", "gender_prob"]
     card = json.loads((bundle / "card.json").read_text())
     assert card["data_manifest_sha256"] == json.loads((trained_run / "run.json").read_text())["data_manifest_sha256"]
     assert "non-commercial" in card["license"] and card["metrics"]["test"]["count"] == 599
+    assert "MIT" in card["detector_license"] and "facenet-pytorch" in card["detector_license"]
+    assert len(pre["align"]["template"]) == 5 and pre["align"]["crop_size"] == 200
     sess = ort.InferenceSession(str(bundle / "model.onnx"))
     for n in (1, 5):                                                         # dynamic batch dimension
         assert sess.run(None, {"image": np.zeros((n, 3, 32, 32), np.float32)})[0].shape == (n,)
@@ -102,7 +105,7 @@ def test_predict_uses_no_training_packages(bundle, tmp_path):
             f"bad = [m for m in sys.modules if m.split('.')[0] in {SERVING_FORBIDDEN!r} or m.startswith('nvidia.dali')]; "
             "print('LOADED', bad); sys.exit(rc)")
     files = [next(SAMPLE.glob("*.jpg")), tmp_path / "notes.txt", big]
-    r = subprocess.run([sys.executable, "-c", code, "predict", str(bundle), *map(str, files), "--json"],
+    r = subprocess.run([sys.executable, "-c", code, "predict", str(bundle), *map(str, files), "--json", "--no-detect"],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     lines = r.stdout.splitlines()
     assert lines[-1] == "LOADED []" and r.returncode == 1                    # exit 1: one file failed
@@ -118,7 +121,7 @@ def test_predict_plain_output_and_bad_bundle(bundle, tmp_path):
     folder.mkdir()
     for f in sorted(SAMPLE.glob("*.jpg"))[:40]:
         (folder / f.name).write_bytes(f.read_bytes())
-    r = subprocess.run([AGESCALE, "predict", str(bundle), str(folder), "--batch-size", "16"],
+    r = subprocess.run([AGESCALE, "predict", str(bundle), str(folder), "--batch-size", "16", "--no-detect"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 40
     assert "age " in r.stdout and "P(female)" in r.stdout

@@ -3,6 +3,7 @@
   model.safetensors   consolidated fp32 weights          model.onnx   dynamic batch dimension
   preprocess.json     how an image becomes the input      labels.json  how outputs become answers
   card.md, card.json  config, data manifest hash, metrics, intended use and limits, data license
+  detector/           MTCNN P/R/O-nets as ONNX + settings (faces in ordinary photos; see serving/detect.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from base.config import resolved
+from serving.align import UTKFACE_CROP, UTKFACE_TEMPLATE
 from trainer import calibration
+from trainer.export_detector import LICENSE as DETECTOR_LICENSE
+from trainer.export_detector import export_detector
 from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES
 from trainer.models import Ensemble
@@ -74,7 +78,7 @@ def _interval_rule(rule: dict | None, has_distribution: bool) -> dict | None:
             "no calibration.json)"}
 
 
-def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
+def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool = True) -> dict:
     cfg, model, weights = load_trained(path)
     run = run_dir_of(path)
     tta = cfg.model.tta if tta is None else tta
@@ -91,7 +95,15 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
         "center_crop": [size, size], "scale": 1 / 255, "mean": list(lc.mean), "std": list(lc.std),
         "tta": {"mode": tta, "where": "inside model.onnx (one pass of the graph averages the image and its "
                 "mirror)" if tta == "hflip" else "none"},
+        # Photos: detect (detector/), then warp each face so its 5 landmarks land on this template in a
+        # crop_size x crop_size image, then the resize and crop above (serving/photo.py).
+        "align": {"landmarks": ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"],
+                  "template": UTKFACE_TEMPLATE, "crop_size": UTKFACE_CROP, "min_detection_score": 0.9,
+                  "template_from": "mean MTCNN landmarks inside 495 UTKFace training crops (serving/align.py)"}
+        if detector else None,
     }, indent=1) + "\n")
+    if detector:
+        export_detector(out / "detector")
     m = model.method
     (out / "labels.json").write_text(json.dumps({
         "method": cfg.model.method, "min_age": m.min_age, "max_age": m.max_age,
@@ -115,11 +127,12 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
             "metrics": {"validation_best": best, "test": summary.get("test")},
             "intended_use": "Research on apparent/real age and gender estimation from aligned, cropped face "
                             "images like UTKFace's (200x200, dlib-aligned).",
-            "limits": ["Expects faces framed like the training data; align other photos first.",
+            "limits": ["Expects faces framed like the training data: `predict` detects and aligns faces in photos "
+                       "(MTCNN, template in preprocess.json); `--no-detect` takes pre-aligned crops as they are.",
                        "UTKFace labels are estimated (DEX + human check): several years of label noise.",
                        "Per-group errors differ (see metrics by race and gender); do not use for decisions "
                        "about individuals.", "Gender is a binary label in the training data."],
-            "license": LICENSE}
+            "license": LICENSE, "detector_license": DETECTOR_LICENSE if detector else None}
     (out / "card.json").write_text(json.dumps(card, indent=1, default=str) + "\n")
     test = summary.get("test") or {}
     (out / "card.md").write_text("\n".join([
@@ -130,5 +143,5 @@ def export_bundle(path: Path, out: Path, tta: str | None = None) -> dict:
         f"- Test MAE: {test.get('mae', float('nan')):.2f}, CS@5: {test.get('cs@5', float('nan')):.3f}, "
         f"gender accuracy: {test.get('gender_accuracy', float('nan')):.3f}", "",
         "## Intended use", card["intended_use"], "", "## Limits", *[f"- {x}" for x in card["limits"]], "",
-        "## License", LICENSE, ""]))
+        "## License", LICENSE, *([DETECTOR_LICENSE] if detector else []), ""]))
     return card

@@ -1,0 +1,92 @@
+"""Test photos made from aligned face crops, and how well detection + alignment recovers them.
+
+`make_photos` pastes 1-4 crops at random positions and sizes onto larger textured backgrounds (no
+overlaps) and records where each went; `score_photos` runs a PhotoPredictor over them and reports
+detection recall/precision at IoU >= 0.5 (against the pasted crop's square) and, per recovered face,
+|age from the detected-and-aligned face - age from the crop itself|.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+
+def _background(rng: random.Random, w: int, h: int) -> Image.Image:
+    """A smooth colour field with blotches and noise: texture, but nothing face-like."""
+    nrng = np.random.default_rng(rng.randrange(2**31))
+    small = nrng.uniform(0, 255, (max(2, h // 64), max(2, w // 64), 3)).astype(np.uint8)
+    base = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    noise = nrng.normal(0, 12, (h, w, 3))
+    arr = np.clip(np.asarray(base, np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr).filter(ImageFilter.GaussianBlur(1))
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def make_photos(crops: list[Path], n_photos: int, out: Path, seed: int = 0, sizes=(90, 260)) -> list[dict]:
+    """Writes out/photo-NNNN.jpg and out/photos.json; returns its entries
+    ({file, faces: [{source, box}]})."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pool, entries = list(crops), []
+    for i in range(n_photos):
+        w, h = rng.choice([(640, 480), (800, 600), (1024, 768), (600, 800)])
+        photo, placed = _background(rng, w, h), []
+        for _ in range(rng.randint(1, 4)):
+            for _attempt in range(30):
+                size = rng.randint(*sizes)
+                x, y = rng.randint(0, w - size), rng.randint(0, h - size)
+                box = (x, y, x + size, y + size)
+                if all(_iou(box, p["box"]) == 0 and not _touch(box, p["box"]) for p in placed):
+                    src = pool[rng.randrange(len(pool))]
+                    with Image.open(src) as im:
+                        photo.paste(im.convert("RGB").resize((size, size), Image.Resampling.LANCZOS), (x, y))
+                    placed.append({"source": str(src), "box": list(box)})
+                    break
+        path = out / f"photo-{i:04d}.jpg"
+        photo.save(path, quality=92)
+        entries.append({"file": str(path), "faces": placed})
+    (out / "photos.json").write_text(json.dumps(entries, indent=1) + "\n")
+    return entries
+
+
+def _touch(a, b, gap: int = 10) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def score_photos(predictor, entries: list[dict]) -> dict:
+    """Recall and precision of detection at IoU >= 0.5, and |Δage| between each recovered face and
+    the same crop predicted directly (the `--no-detect` path)."""
+    truth, found, matched, false_pos, deltas = 0, 0, 0, 0, []
+    crop_age = {}
+    for e in entries:
+        result = predictor.predict_photo(Image.open(e["file"]))
+        faces = result["faces"]
+        truth, found = truth + len(e["faces"]), found + len(faces)
+        used = set()
+        for t in e["faces"]:
+            best = max(range(len(faces)), key=lambda k: _iou(t["box"], faces[k]["box"]), default=None)
+            if best is None or best in used or _iou(t["box"], faces[best]["box"]) < 0.5:
+                continue
+            used.add(best)
+            matched += 1
+            if t["source"] not in crop_age:
+                with Image.open(t["source"]) as im:
+                    crop_age[t["source"]] = predictor.model.predict_arrays(predictor.model.preprocess(im)[None])[0]["age"]
+            deltas.append(abs(faces[best]["age"] - crop_age[t["source"]]))
+        false_pos += len(faces) - len(used)
+    d = np.array(deltas) if deltas else np.zeros(1)
+    return {"photos": len(entries), "faces": truth, "detected": found, "matched": matched,
+            "recall": matched / max(truth, 1), "precision": matched / max(found, 1), "false_positives": false_pos,
+            "age_abs_delta_mean": float(d.mean()), "age_abs_delta_median": float(np.median(d)),
+            "age_abs_delta_p90": float(np.quantile(d, 0.9))}
