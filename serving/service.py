@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from ray import serve
 
 PAGE = Path(__file__).with_name("page.html")
@@ -63,7 +63,8 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
     except HTTPException:
         raise
     except Exception as e:  # Pillow raises many types (UnidentifiedImageError, OSError, DecompressionBomb...)
-        _refuse(400, f"not a readable image ({type(e).__name__}: {str(e)[:160]})")
+        why = "not a format Pillow reads" if isinstance(e, UnidentifiedImageError) else str(e)[:160]
+        _refuse(400, f"not a readable image ({type(e).__name__}: {why})")
 
 
 def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica: float = 1.0):

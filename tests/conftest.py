@@ -68,3 +68,21 @@ def batch64(utk_shards):
     b = next(iter(create_loader(cfg, "val")))
     assert b["valid"].all() and b["age"].std() > 10  # a real spread of ages
     return b
+
+
+@pytest.fixture(scope="session")
+def trained_run(utk_shards, tmp_path_factory) -> Path:
+    """A tiny real run (ResNet-18 at 32 px, 8 steps) for the evaluation, export and serving tests."""
+    from test_train import CONFIG, small
+
+    run = tmp_path_factory.mktemp("serve") / "run"
+    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8}), check=True)
+    return run
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run, tmp_path_factory) -> Path:
+    """Its export bundle, face detector included (read-only for tests)."""
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    run_cli("export", trained_run, "--out", out, check=True)
+    return out

@@ -22,20 +22,6 @@ from trainer.models import create_model
 SERVING_FORBIDDEN = ("torch", "deepspeed", "nvidia.dali", "ray", "timm", "webdataset", "trainer", "data_pipeline")
 
 
-@pytest.fixture(scope="module")
-def trained_run(utk_shards, tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
-    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.max_steps": 8}), check=True)
-    return run
-
-
-@pytest.fixture(scope="module")
-def bundle(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    run_cli("export", trained_run, "--out", out, check=True)
-    return out
-
-
 def test_evaluate_writes_report_and_plots_with_the_trainers_mae(trained_run, utk_shards, tmp_path):
     r = run_cli("evaluate", trained_run, "--data", utk_shards / "val", "--out", tmp_path / "ev")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -99,7 +99,7 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
         # crop_size x crop_size image, then the resize and crop above (serving/photo.py).
         "align": {"landmarks": ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"],
                   "template": UTKFACE_TEMPLATE, "crop_size": UTKFACE_CROP, "min_detection_score": 0.9,
-                  "template_from": "mean MTCNN landmarks inside 495 UTKFace training crops (serving/align.py)"}
+                  "template_from": "mean MTCNN landmarks inside 999 UTKFace training crops (serving/align.py)"}
         if detector else None,
     }, indent=1) + "\n")
     if detector:
