@@ -90,3 +90,45 @@ def score_photos(predictor, entries: list[dict]) -> dict:
             "recall": matched / max(truth, 1), "precision": matched / max(found, 1), "false_positives": false_pos,
             "age_abs_delta_mean": float(d.mean()), "age_abs_delta_median": float(np.median(d)),
             "age_abs_delta_p90": float(np.quantile(d, 0.9))}
+
+
+def padded_crop_agreement(predictor, crops: list[Path]) -> dict:
+    """Each crop padded onto a grey canvas twice its size, detected and aligned, against the crop
+    predicted as it is: how often a face is found, and |Δage| over the crops where it is."""
+    from serving.align import pad_onto_canvas
+
+    deltas, missed = [], 0
+    for path in crops:
+        with Image.open(path) as im:
+            crop = im.convert("RGB")
+        own = predictor.model.predict_arrays(predictor.model.preprocess(crop)[None])[0]["age"]
+        faces = predictor.predict_photo(pad_onto_canvas(crop)[0])["faces"]
+        if not faces:
+            missed += 1
+            continue
+        deltas.append(abs(faces[0]["age"] - own))
+    d = np.array(deltas) if deltas else np.zeros(1)
+    return {"crops": len(crops), "found": len(deltas), "missed": missed, "age_abs_delta_mean": float(d.mean()),
+            "age_abs_delta_median": float(np.median(d)), "age_abs_delta_p90": float(np.quantile(d, 0.9))}
+
+
+def run_bench(bundle: Path, images: Path, n_photos: int = 200, n_crops: int = 500, seed: int = 0) -> dict:
+    """`agescale bench detect`: detection recall and age agreement on composited photos, and age
+    agreement on padded crops, for a bundle; the crops are taken from `images` in a seeded order."""
+    import tempfile
+    import time
+
+    from bench.common import machine
+    from serving.photo import PhotoPredictor
+
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    random.Random(seed).shuffle(files)
+    predictor = PhotoPredictor(bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        entries = make_photos(files[:1000], n_photos, Path(tmp), seed=seed)
+        t = time.perf_counter()
+        photos = score_photos(predictor, entries)
+        photos["seconds_per_photo"] = round((time.perf_counter() - t) / max(n_photos, 1), 4)
+    crops = padded_crop_agreement(predictor, files[1000:1000 + n_crops])
+    return {"benchmark": "detect", "bundle": str(bundle), "images": str(images), "composited_photos": photos,
+            "padded_crops": crops, "recall_target": 0.95, "machine": machine()}

@@ -294,6 +294,12 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
                      port=args.port), args.out)
 
 
+def cmd_bench_detect(args: argparse.Namespace) -> int:
+    from bench.photos import run_bench
+
+    return _emit(run_bench(args.bundle, args.images, n_photos=args.photos, n_crops=args.crops), args.out)
+
+
 def cmd_bench_predict(args: argparse.Namespace) -> int:
     from bench.predict import run
 
@@ -512,6 +518,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=Path, default=Path("data/sample/utkface"), help="folder with >= 32 images")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_predict)
+    b = bsub.add_parser("detect", help="detection recall and age agreement on photos composited from crops",
+                        description="Composites 1-4 face crops at random positions and sizes onto larger textured "
+                                    "backgrounds; reports detection recall/precision at IoU >= 0.5 and |age from the "
+                                    "detected, aligned face - age from the crop itself|; then the same |Δage| for "
+                                    "crops padded onto a grey canvas.")
+    b.add_argument("bundle", type=Path)
+    b.add_argument("--images", type=Path, default=Path("data/sample/utkface"), help="aligned face crops")
+    b.add_argument("--photos", type=_positive_int, default=200)
+    b.add_argument("--crops", type=_positive_int, default=500)
+    b.add_argument("--out", type=Path, help="also write the JSON here")
+    b.set_defaults(func=cmd_bench_detect)
     b = bsub.add_parser("serve", help="the HTTP service under locust load: batching on vs off, then a soak",
                         description="Starts the bundle on Ray Serve twice (dynamic batching on and off), drives "
                                     "each with locust (headless) at concurrency 1, 8 and 32 on loopback, interleaved "

@@ -123,3 +123,15 @@ def test_triton_repository_parses_and_matches_the_graph(trained_run, tmp_path):
         else:                                     # a per-sample scalar: [1] reshaped to []
             assert list(o.dims) == [1] and o.HasField("reshape") and list(o.reshape.shape) == []
     assert model_config_pb2.DataType.Name(config.input[0].data_type) == "TYPE_FP32"
+
+
+def test_bench_detect_json(bundle, shared_utkface, tmp_path):
+    out = tmp_path / "detect.json"
+    r = run_cli("bench", "detect", bundle, "--images", shared_utkface, "--photos", "6", "--crops", "12", "--out", out)
+    assert r.returncode == 0, r.stderr[-1500:]
+    result = json.loads(out.read_text())
+    photos, crops = result["composited_photos"], result["padded_crops"]
+    assert photos["photos"] == 6 and photos["faces"] >= 6 and photos["recall"] >= 0.9
+    assert photos["matched"] <= min(photos["faces"], photos["detected"])
+    assert crops["crops"] == 12 and crops["found"] + crops["missed"] == 12 and crops["found"] >= 11
+    assert 0 <= crops["age_abs_delta_median"] <= crops["age_abs_delta_p90"]
