@@ -85,10 +85,17 @@ def score_photos(predictor, entries: list[dict]) -> dict:
                     crop_age[t["source"]] = predictor.model.predict_arrays(predictor.model.preprocess(im)[None])[0]["age"]
             deltas.append(abs(faces[best]["age"] - crop_age[t["source"]]))
         false_pos += len(faces) - len(used)
-    d = np.array(deltas) if deltas else np.zeros(1)
     return {"photos": len(entries), "faces": truth, "detected": found, "matched": matched,
             "recall": matched / max(truth, 1), "precision": matched / max(found, 1), "false_positives": false_pos,
-            "age_abs_delta_mean": float(d.mean()), "age_abs_delta_median": float(np.median(d)),
+            **_delta_stats(deltas)}
+
+
+def _delta_stats(deltas: list[float]) -> dict:
+    """Mean, median and 90th percentile of |Δage|; None when nothing was matched (never a perfect 0)."""
+    if not deltas:
+        return {"age_abs_delta_mean": None, "age_abs_delta_median": None, "age_abs_delta_p90": None}
+    d = np.array(deltas)
+    return {"age_abs_delta_mean": float(d.mean()), "age_abs_delta_median": float(np.median(d)),
             "age_abs_delta_p90": float(np.quantile(d, 0.9))}
 
 
@@ -107,9 +114,7 @@ def padded_crop_agreement(predictor, crops: list[Path]) -> dict:
             missed += 1
             continue
         deltas.append(abs(faces[0]["age"] - own))
-    d = np.array(deltas) if deltas else np.zeros(1)
-    return {"crops": len(crops), "found": len(deltas), "missed": missed, "age_abs_delta_mean": float(d.mean()),
-            "age_abs_delta_median": float(np.median(d)), "age_abs_delta_p90": float(np.quantile(d, 0.9))}
+    return {"crops": len(crops), "found": len(deltas), "missed": missed, **_delta_stats(deltas)}
 
 
 def run_bench(bundle: Path, images: Path, n_photos: int = 200, n_crops: int = 500, seed: int = 0) -> dict:
@@ -121,14 +126,20 @@ def run_bench(bundle: Path, images: Path, n_photos: int = 200, n_crops: int = 50
     from bench.common import machine
     from serving.photo import PhotoPredictor
 
+    from base.errors import UserError
+
     files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     random.Random(seed).shuffle(files)
+    if len(files) < n_crops + 50:
+        raise UserError(f"{images}: {len(files)} images; --crops {n_crops} needs at least {n_crops + 50} "
+                        "(the crops, plus 50 or more to composite photos from)")
+    pool, crops_for_padding = files[:-n_crops][:1000], files[-n_crops:]
     predictor = PhotoPredictor(bundle)
     with tempfile.TemporaryDirectory() as tmp:
-        entries = make_photos(files[:1000], n_photos, Path(tmp), seed=seed)
+        entries = make_photos(pool, n_photos, Path(tmp), seed=seed)
         t = time.perf_counter()
         photos = score_photos(predictor, entries)
         photos["seconds_per_photo"] = round((time.perf_counter() - t) / max(n_photos, 1), 4)
-    crops = padded_crop_agreement(predictor, files[1000:1000 + n_crops])
+    crops = padded_crop_agreement(predictor, crops_for_padding)
     return {"benchmark": "detect", "bundle": str(bundle), "images": str(images), "composited_photos": photos,
             "padded_crops": crops, "recall_target": 0.95, "machine": machine()}

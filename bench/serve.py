@@ -38,7 +38,8 @@ def _locust(host: str, path: str, files: list[Path], users: int, requests: int |
     env = {**os.environ, "AGESCALE_LOAD_PATH": path, "AGESCALE_LOAD_FILES": os.pathsep.join(map(str, files)),
            "AGESCALE_LOAD_REQUESTS": str(requests or 0), "AGESCALE_LOAD_CORRUPT": str(corrupt),
            "AGESCALE_LOAD_REPORT": str(report)}
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
+    # all users at once (-r far above -u): the run measures the stated concurrency, not a ramp
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users * 100),
            "-t", f"{int(seconds)}s", "--host", host, "--skip-log", "--loglevel", "ERROR", "--exit-code-on-error", "0"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 120)
     if r.returncode != 0 or not report.exists():
@@ -65,7 +66,7 @@ def _replica_rss(name: str) -> int:
     for p in psutil.process_iter(["cmdline", "name"]):
         try:
             line = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-            if "ServeReplica" in line and f"{name}:" in line:
+            if f"ServeReplica:{name}:" in line:
                 total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -143,6 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError("no images given (files or folders)")
     if not args.no_detect:
         return _predict_photos(args, files)
+    if args.annotate:
+        raise UserError("--annotate draws detected faces; it cannot be used with --no-detect")
     failed = 0
     for r in Predictor(args.bundle).predict(files, batch_size=args.batch_size):
         failed += "error" in r
@@ -316,6 +318,26 @@ def _emit(result: dict, out: Path | None) -> int:
     return 0
 
 
+def _float_at_least(text: str, low: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value == value or value in (float("inf"), float("-inf")) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_at_least(text, 0.0, strict=True)
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _float_at_least(text, 0.0, strict=False)
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (argparse prints the one-line error and exits 2)."""
     try:
@@ -438,14 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--replicas", type=_positive_int, default=1)
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=_positive_float, default=1.0)
     p.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads per replica (default: its own)")
     p.add_argument("--max-batch-size", type=_positive_int, default=32,
                    help="requests per model call (1 turns dynamic batching off)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    p.add_argument("--batch-wait-ms", type=_positive_float, default=10.0, help="how long a batch waits to fill")
     p.add_argument("--max-upload-mb", type=_positive_int, default=10)
     p.add_argument("--max-pixels", type=_positive_int, default=40_000_000)
-    p.add_argument("--timeout-s", type=float, default=30.0, help="per-request limit (408 past it)")
+    p.add_argument("--timeout-s", type=_positive_float, default=30.0, help="per-request limit (408 past it)")
     p.add_argument("--address", help="join a running Ray cluster ('auto' or host:port) instead of a local one")
     p.set_defaults(func=cmd_serve)
 
@@ -540,9 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="crop: aligned crops (?detect=false); photo: composited photos with 1-4 faces (detection on)")
     b.add_argument("--requests", type=_positive_int, default=400, help="requests per locust run")
     b.add_argument("--rounds", type=_positive_int, default=2)
-    b.add_argument("--soak-s", type=float, default=120.0, help="soak length (0 skips it)")
+    b.add_argument("--soak-s", type=_non_negative_float, default=120.0, help="soak length (0 skips it)")
     b.add_argument("--max-batch-size", type=_positive_int, default=32)
-    b.add_argument("--batch-wait-ms", type=float, default=10.0)
+    b.add_argument("--batch-wait-ms", type=_positive_float, default=10.0)
     b.add_argument("--port", type=_positive_int, default=8765)
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_serve)

@@ -35,10 +35,15 @@ def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def align(photo: Image.Image, landmarks: np.ndarray, template: list, crop: int) -> Image.Image:
     """The crop x crop face whose landmarks land on the template (edges beyond the photo are black)."""
-    m = np.vstack([similarity(landmarks, template), [0, 0, 1]])
-    inv = np.linalg.inv(m)[:2].ravel()  # PIL maps each output pixel back into the photo
-    return photo.convert("RGB").transform((crop, crop), Image.Transform.AFFINE, tuple(inv),
-                                          resample=Image.Resampling.BILINEAR)
+    photo = photo if photo.mode == "RGB" else photo.convert("RGB")
+    landmarks = np.asarray(landmarks, np.float64)
+    m = similarity(landmarks, template)
+    shrink = int(1 / (2 * np.sqrt(abs(np.linalg.det(m[:, :2])))))  # a large face: box-average first, since
+    if shrink >= 2:                                                   # a bilinear warp does not antialias
+        photo, landmarks = photo.reduce(shrink), landmarks / shrink
+        m = similarity(landmarks, template)
+    inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2].ravel()  # PIL maps each output pixel back into the photo
+    return photo.transform((crop, crop), Image.Transform.AFFINE, tuple(inv), resample=Image.Resampling.BILINEAR)
 
 
 def pad_onto_canvas(crop: Image.Image, pad: float = 0.5, fill=(128, 128, 128)) -> tuple[Image.Image, tuple]:

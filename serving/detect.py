@@ -97,10 +97,11 @@ class FaceDetector:
         return sess.run(None, {sess.get_inputs()[0].name: x})
 
     def _crops(self, photo: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
-        """Square boxes cut from the photo (zero outside it), resized with area averaging."""
+        """Square boxes cut from the photo (zero outside it), resized with area averaging. MTCNN's
+        box coordinates are 1-based, so pixel columns x1-1 .. x2-1 (as the reference cuts them)."""
         h, w = photo.shape[:2]
         out = np.zeros((len(boxes), size, size, 3), np.uint8)
-        for k, (x1, y1, x2, y2) in enumerate(np.trunc(boxes[:, :4]).astype(np.int64)):
+        for k, (x1, y1, x2, y2) in enumerate(np.trunc(boxes[:, :4]).astype(np.int64) - 1):
             bw, bh = x2 - x1 + 1, y2 - y1 + 1
             if bw < 1 or bh < 1:
                 continue
@@ -113,7 +114,8 @@ class FaceDetector:
 
     def detect(self, image: Image.Image) -> list[Face]:
         s = self.settings
-        photo = np.asarray(image.convert("RGB"))
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        photo = np.asarray(image)
         h, w = photo.shape[:2]
         # Stage 1: P-net slides over a pyramid whose first level maps min_face pixels to its 12-px window.
         scale, scales = 12.0 / s["min_face_size"], []
@@ -123,7 +125,7 @@ class FaceDetector:
         found = []
         for scale in scales:
             sh, sw = int(h * scale + 1), int(w * scale + 1)
-            level = np.asarray(image.convert("RGB").resize((sw, sh), Image.Resampling.BOX))[None]
+            level = np.asarray(image.resize((sw, sh), Image.Resampling.BOX))[None]
             reg, prob = self._run("pnet", _normalise(level))
             prob = prob[0, 1]
             ys, xs = np.nonzero(prob >= s["thresholds"][0])

@@ -20,6 +20,8 @@ from serving.detect import FaceDetector
 from serving.predict import Predictor
 
 NO_FACE = "no face found"
+DETECT_MAX_SIDE = 2000  # detection runs on a copy no larger than this (memory); alignment on the full photo
+MAX_FACES = 32          # the largest faces of a crowd photo; the rest are left out (and counted)
 
 
 class PhotoPredictor:
@@ -41,9 +43,12 @@ class PhotoPredictor:
     def locate(self, photo: Image.Image) -> tuple[list[dict], np.ndarray]:
         """Faces (box, landmarks, score) and their model inputs, stacked (N, 3, S, S)."""
         faces, inputs = [], []
-        for f in self.detector.detect(photo):
-            if f.score < self.min_score:
-                continue
+        scale = min(1.0, DETECT_MAX_SIDE / max(photo.size))
+        small = photo if scale == 1.0 else photo.resize((max(1, round(photo.width * scale)),
+                                                         max(1, round(photo.height * scale))), Image.Resampling.BOX)
+        found = [f for f in self.detector.detect(small) if f.score >= self.min_score]
+        for f in found[:MAX_FACES]:
+            f.box, f.landmarks = f.box / scale, f.landmarks / scale
             faces.append({"box": [round(float(v), 1) for v in f.box],
                           "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks],
                           "detection_score": round(f.score, 4)})
@@ -55,6 +60,8 @@ class PhotoPredictor:
     def merge(photo: Image.Image, faces: list[dict], predictions: list[dict]) -> dict:
         result = {"width": photo.width, "height": photo.height,
                   "faces": [{**f, **p} for f, p in zip(faces, predictions)]}
+        if len(faces) == MAX_FACES:
+            result["note"] = f"only the {MAX_FACES} largest faces are reported"
         if not faces:
             result["note"] = NO_FACE
         return result
@@ -66,7 +73,7 @@ class PhotoPredictor:
 
     def predict(self, paths: list[Path], annotate_dir: Path | None = None) -> Iterator[dict]:
         """One result per photo, in order; a file that is not an image gives an `error` entry."""
-        for p in paths:
+        for i, p in enumerate(paths):
             try:
                 with Image.open(p) as im:
                     photo = self.load(im)
@@ -76,7 +83,7 @@ class PhotoPredictor:
             faces, inputs = self.locate(photo)
             result = {"file": str(p), **self.merge(photo, faces, self.model.predict_arrays(inputs) if faces else [])}
             if annotate_dir is not None:
-                out = annotate_dir / f"{p.stem}.annotated.jpg"
+                out = annotate_dir / f"{i:05d}-{p.stem}.annotated.jpg"  # unique: a/x.jpg and b/x.jpg
                 annotate(photo, result["faces"]).save(out, quality=92)
                 result["annotated"] = str(out)
             yield result

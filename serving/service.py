@@ -30,6 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from ray import serve
 
 PAGE = Path(__file__).with_name("page.html")
+FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"]  # what a photo upload may be; the rest is a 400
+MAX_ASPECT = 8  # a 40000x1 "photo" would be resized to gigabytes; no face is that shape
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Limits:
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
     threads: int | None = None  # ONNX Runtime intra-op threads per replica
+    prepare_slots: int = 2      # requests decoded and detected at once per replica (bounds memory)
 
 
 def _refuse(status: int, detail: str):
@@ -53,11 +56,13 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
     if len(data) > limits.max_upload_bytes:
         _refuse(413, f"upload of {len(data)} bytes is over the limit of {limits.max_upload_bytes}")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             w, h = probe.size
         if w * h > limits.max_pixels:
             _refuse(413, f"image of {w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels}")
-        image = Image.open(io.BytesIO(data))
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            _refuse(400, f"image of {w}x{h} has an aspect ratio over {MAX_ASPECT}:1")
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
         image.load()  # decode now: a truncated file fails here, not later
         return image
     except HTTPException:
@@ -79,11 +84,10 @@ def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica:
             from serving.predict import Predictor
 
             self.bundle, self.limits = bundle, limits
-            try:
-                self.photos = PhotoPredictor(bundle, threads=limits.threads)
-                self.crops = self.photos.model
-            except Exception:  # a bundle without a detector still serves pre-aligned crops
-                self.photos, self.crops = None, Predictor(bundle, threads=limits.threads)
+            self.crops = Predictor(bundle, threads=limits.threads)
+            # a bundle exported without a detector still serves pre-aligned crops; a damaged one fails here
+            self.photos = PhotoPredictor(bundle, threads=limits.threads) if self.crops.pre.get("align") else None
+            self.slots = asyncio.Semaphore(limits.prepare_slots)
             card = bundle / "card.json"
             self.card = json.loads(card.read_text()) if card.exists() else {}
             self.stats = {"requests": 0, "model_calls": 0, "faces": 0, "refused": 0, "max_batch": 0}
@@ -97,7 +101,8 @@ def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica:
             counts = [len(x) for x in inputs]
             self.stats["model_calls"] += 1
             self.stats["max_batch"] = max(self.stats["max_batch"], len(inputs))
-            flat = self.crops.predict_arrays(np.concatenate(inputs)) if sum(counts) else []
+            # in a thread: the ONNX call must not hold the replica's event loop (uploads, timers, /healthz)
+            flat = await asyncio.to_thread(self.crops.predict_arrays, np.concatenate(inputs)) if sum(counts) else []
             out, i = [], 0
             for n in counts:
                 out.append(flat[i:i + n])
@@ -106,16 +111,20 @@ def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica:
 
         def _prepare(self, data: bytes, detect: bool):
             image = decode(data, self.limits)
-            if detect:
-                if self.photos is None:
-                    _refuse(400, "this bundle has no face detector: send aligned crops with ?detect=false")
-                photo = self.photos.load(image)
-                faces, inputs = self.photos.locate(photo)
-                return photo, faces, inputs
-            return image, None, self.crops.preprocess(image)[None]
+            if detect and self.photos is None:
+                _refuse(400, "this bundle has no face detector: send aligned crops with ?detect=false")
+            try:
+                if detect:
+                    photo = self.photos.load(image)
+                    faces, inputs = self.photos.locate(photo)
+                    return photo, faces, inputs
+                return image, None, self.crops.preprocess(image)[None]
+            except Exception as e:  # bad EXIF, an unconvertible mode, degenerate landmarks: the upload's fault
+                _refuse(400, f"cannot use this image ({type(e).__name__}: {str(e)[:160]})")
 
         async def _handle(self, data: bytes, detect: bool, with_image: bool) -> dict:
-            photo, faces, inputs = await asyncio.to_thread(self._prepare, data, detect)
+            async with self.slots:
+                photo, faces, inputs = await asyncio.to_thread(self._prepare, data, detect)
             preds = await self._infer(inputs) if len(inputs) else []
             self.stats["faces"] += len(preds)
             if not detect:
@@ -172,24 +181,35 @@ def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica:
 
 
 async def _read_upload(request: Request, limits: Limits) -> tuple:
-    """Multipart field `file`, or the raw body; the size limit is checked while reading."""
+    """The upload's bytes and file name: multipart field `file`, or the raw body. The body is read
+    with its size counted first (chunked requests carry no Content-Length), and a multipart body is
+    parsed from that bounded buffer, so no upload reaches the disk or memory past the limit."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes + 1024 * 64:
+    slack = 64 * 1024  # multipart headers and boundaries
+    if declared and declared.isdigit() and int(declared) > limits.max_upload_bytes + slack:
         _refuse(413, f"upload of {declared} bytes is over the limit of {limits.max_upload_bytes}")
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
-        try:
-            form = await request.form(max_part_size=limits.max_upload_bytes + 1)
-        except Exception as e:  # starlette raises its own types for malformed or oversized multipart bodies
-            _refuse(400 if "size" not in str(e).lower() else 413, f"bad multipart upload ({str(e)[:160]})")
-        upload = form.get("file") or form.get("image")
-        if upload is None or isinstance(upload, str):
-            _refuse(400, "multipart upload has no file field named 'file'")
-        data = await upload.read()
-        return data, upload.filename
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > limits.max_upload_bytes:
+        if len(body) > limits.max_upload_bytes + slack:
             _refuse(413, f"upload is over the limit of {limits.max_upload_bytes} bytes")
-    return bytes(body), None
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return bytes(body), None
+    sent = [False]
+
+    async def replay():
+        if sent[0]:
+            return {"type": "http.disconnect"}
+        sent[0] = True
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        async with Request(request.scope, replay).form(max_files=1, max_fields=10) as form:
+            upload = form.get("file") or form.get("image")
+            if upload is None or isinstance(upload, str):
+                _refuse(400, "multipart upload has no file field named 'file'")
+            return await upload.read(), upload.filename
+    except HTTPException:
+        raise
+    except Exception as e:  # starlette raises its own types for malformed multipart bodies
+        _refuse(400, f"bad multipart upload ({type(e).__name__}: {str(e)[:160]})")

@@ -115,6 +115,8 @@ def test_bad_uploads_are_4xx_with_a_reason_and_the_replica_lives(service, photos
     good = open(photos[0]["file"], "rb").read()
     big = io.BytesIO()
     Image.new("RGB", (1600, 1400), (10, 20, 30)).save(big, format="PNG")   # small file, 2.24 M pixels
+    narrow = io.BytesIO()
+    Image.new("RGB", (4000, 2), (10, 20, 30)).save(narrow, format="PNG")   # would resize to gigabytes
     noise = io.BytesIO()
     Image.effect_noise((800, 800), 60).convert("RGB").save(noise, format="BMP")  # 1.9 MB
     cases = {
@@ -123,6 +125,7 @@ def test_bad_uploads_are_4xx_with_a_reason_and_the_replica_lives(service, photos
         "empty": (b"", 400, "empty upload"),
         "too_many_pixels": (big.getvalue(), 413, "pixels is over the limit"),
         "too_large": (noise.getvalue(), 413, "over the limit"),
+        "aspect_ratio": (narrow.getvalue(), 400, "aspect ratio over 8:1"),
     }
     for name, (data, code, reason) in cases.items():
         status, body = _call(service + "/predict", data, {"Content-Type": "application/octet-stream"})

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import onnx
 
+from base.errors import UserError
+
 TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
          onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.INT32: "TYPE_INT32"}
 
@@ -29,6 +31,9 @@ def graph_tensors(model_path: Path) -> tuple[list[dict], list[dict]]:
         for v in values:
             t = v.type.tensor_type
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if t.elem_type not in TYPES:
+                raise UserError(f"{model_path}: tensor {v.name!r} has ONNX type "
+                                f"{onnx.TensorProto.DataType.Name(t.elem_type)}, which this exporter does not map")
             out.append({"name": v.name, "data_type": TYPES[t.elem_type], "dims": dims[1:]})
         return out
 
@@ -51,7 +56,7 @@ def config_pbtxt(name: str, model_path: Path, max_batch_size: int, max_queue_del
         f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size}",
         _tensor_block("input", inputs), _tensor_block("output", outputs),
         "dynamic_batching {", f"  max_queue_delay_microseconds: {max_queue_delay_us}", "}",
-        "instance_group [ { count: 1, kind: KIND_CPU } ]", ""])
+        ""])  # no instance_group: Triton puts one instance on each GPU it has, else on the CPU
 
 
 def write_repository(bundle: Path, out: Path, name: str = "agescale", max_batch_size: int = 64,
