@@ -25,7 +25,8 @@ def _commands(parser=None, prefix=()) -> list[list[str]]:
 
 def test_the_command_list_is_complete():
     names = {" ".join(c) for c in _commands()}
-    assert {"tune", "slurm", "train", "evaluate", "export", "predict", "bench predict"} <= names
+    assert {"tune", "slurm", "train", "evaluate", "export", "predict", "serve", "bench predict", "bench serve",
+            "bench detect"} <= names
 
 
 @pytest.mark.parametrize("cmd", _commands(), ids=lambda c: " ".join(c) or "agescale")

@@ -221,7 +221,8 @@ def test_the_methods_spec_covers_every_method_and_family_and_variants_are_checke
     cfg = trial_config(resolved(base), {"variant": "swinface"}, tmp_path / "run", spec.variants)
     assert (cfg.model.architecture, cfg.model.method, cfg.model.model_args["patch_size"]) == (
         "swinface", "gaussian_blend", 2)
-    assert cfg.train.max_steps == 900 and cfg.train.run_dir == str(tmp_path / "run")
+    assert cfg.train.max_steps == 600 and cfg.train.optimizer.warmup_steps == 100
+    assert cfg.train.run_dir == str(tmp_path / "run")
     bad = write_spec(tmp_path / "bad.yaml", tmp_path, variants={"vit": {"model.architecture": "mivolo"}})
     with pytest.raises(UserError, match="variants.vit: .*needs a volo_\\* backbone"):
         load_spec(bad)
