@@ -76,7 +76,7 @@ def test_training_calibrates_and_the_bundle_and_predict_use_it(ema_run, utk_shar
     assert labels["interval"]["calibrated"] and labels["interval"]["q"] == rule["q"]
     assert pre["tta"]["mode"] == "hflip" and "inside model.onnx" in pre["tta"]["where"]
     img = sorted(SAMPLE.glob("*.jpg"))[0]
-    r = run_cli("predict", out, img, "--json", check=True)
+    r = run_cli("predict", out, img, "--json", "--no-detect", check=True)
     res = json.loads(r.stdout.splitlines()[0])
     lo, hi = res["interval90"]
     assert lo < res["age"] < hi and (hi - lo) / 2 >= rule["q"] * rule["std_floor"] - 0.02
