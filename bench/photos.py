@@ -70,7 +70,8 @@ def score_photos(predictor, entries: list[dict]) -> dict:
     truth, found, matched, false_pos, deltas = 0, 0, 0, 0, []
     crop_age = {}
     for e in entries:
-        result = predictor.predict_photo(Image.open(e["file"]))
+        with Image.open(e["file"]) as im:
+            result = predictor.predict_photo(im)
         faces = result["faces"]
         truth, found = truth + len(e["faces"]), found + len(faces)
         used = set()

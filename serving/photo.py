@@ -21,7 +21,7 @@ from serving.predict import Predictor
 
 NO_FACE = "no face found"
 DETECT_MAX_SIDE = 2000  # detection runs on a copy no larger than this (memory); alignment on the full photo
-MAX_FACES = 32          # the largest faces of a crowd photo; the rest are left out (and counted)
+MAX_FACES = 32          # the largest faces of a crowd photo; the rest are left out (the result's note says so)
 
 
 class PhotoPredictor:
@@ -41,33 +41,40 @@ class PhotoPredictor:
         return to_rgb(image)
 
     def locate(self, photo: Image.Image) -> tuple[list[dict], np.ndarray]:
-        """Faces (box, landmarks, score) and their model inputs, stacked (N, 3, S, S)."""
+        """Faces (box, landmarks, score) and their model inputs, stacked (N, 3, S, S); when the photo
+        had more than MAX_FACES, the last face dict carries `more_faces_left_out` (popped by merge)."""
         faces, inputs = [], []
         scale = min(1.0, DETECT_MAX_SIDE / max(photo.size))
         small = photo if scale == 1.0 else photo.resize((max(1, round(photo.width * scale)),
                                                          max(1, round(photo.height * scale))), Image.Resampling.BOX)
         found = [f for f in self.detector.detect(small) if f.score >= self.min_score]
+        left_out = max(0, len(found) - MAX_FACES)
         for f in found[:MAX_FACES]:
             f.box, f.landmarks = f.box / scale, f.landmarks / scale
             faces.append({"box": [round(float(v), 1) for v in f.box],
                           "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks],
                           "detection_score": round(f.score, 4)})
             inputs.append(self.model.preprocess(align(photo, f.landmarks, self.template, self.crop)))
+        if left_out:
+            faces[-1]["more_faces_left_out"] = left_out
         size = self.model.pre["center_crop"]
         return faces, np.stack(inputs) if inputs else np.zeros((0, 3, size[1], size[0]), np.float32)
 
     @staticmethod
     def merge(photo: Image.Image, faces: list[dict], predictions: list[dict]) -> dict:
+        left_out = faces[-1].pop("more_faces_left_out", 0) if faces else 0
         result = {"width": photo.width, "height": photo.height,
                   "faces": [{**f, **p} for f, p in zip(faces, predictions)]}
-        if len(faces) == MAX_FACES:
-            result["note"] = f"only the {MAX_FACES} largest faces are reported"
+        if left_out:
+            result["note"] = f"only the {MAX_FACES} largest faces are reported ({left_out} more left out)"
         if not faces:
             result["note"] = NO_FACE
         return result
 
     def predict_photo(self, image: Image.Image) -> dict:
-        photo = self.load(image)
+        return self._predict_loaded(self.load(image))
+
+    def _predict_loaded(self, photo: Image.Image) -> dict:
         faces, inputs = self.locate(photo)
         return self.merge(photo, faces, self.model.predict_arrays(inputs) if len(inputs) else [])
 
@@ -80,8 +87,7 @@ class PhotoPredictor:
             except Exception as e:  # Pillow raises many types for non-images
                 yield {"file": str(p), "error": f"not a readable image ({type(e).__name__}: {e})"}
                 continue
-            faces, inputs = self.locate(photo)
-            result = {"file": str(p), **self.merge(photo, faces, self.model.predict_arrays(inputs) if faces else [])}
+            result = {"file": str(p), **self._predict_loaded(photo)}
             if annotate_dir is not None:
                 out = annotate_dir / f"{i:05d}-{p.stem}.annotated.jpg"  # unique: a/x.jpg and b/x.jpg
                 annotate(photo, result["faces"]).save(out, quality=92)

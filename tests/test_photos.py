@@ -135,3 +135,18 @@ def test_bench_detect_json(bundle, shared_utkface, tmp_path):
     assert photos["matched"] <= min(photos["faces"], photos["detected"])
     assert crops["crops"] == 12 and crops["found"] + crops["missed"] == 12 and crops["found"] >= 11
     assert 0 <= crops["age_abs_delta_median"] <= crops["age_abs_delta_p90"]
+
+
+def test_a_crowd_photo_reports_the_largest_faces_and_says_how_many_were_left_out(bundle, shared_utkface,
+                                                                                 monkeypatch):
+    import serving.photo as photo_mod
+
+    entry = next(e for e in make_photos(sorted(shared_utkface.glob("*.jpg"))[:40], 20,
+                                        bundle.parent / "crowd", seed=9) if len(e["faces"]) >= 3)
+    monkeypatch.setattr(photo_mod, "MAX_FACES", 2)
+    with Image.open(entry["file"]) as im:
+        result = PhotoPredictor(bundle, threads=1).predict_photo(im)
+    sizes = [f["box"][2] - f["box"][0] for f in result["faces"]]
+    assert len(result["faces"]) == 2 and sizes == sorted(sizes, reverse=True)
+    assert result["note"] == f"only the 2 largest faces are reported ({len(entry['faces']) - 2} more left out)"
+    assert all("more_faces_left_out" not in f for f in result["faces"])
