@@ -27,9 +27,11 @@ from trainer.models import Ensemble, create_model
 
 @pytest.fixture(scope="module")
 def ema_run(utk_shards, tmp_path_factory):
-    """A short real run with EMA and flip TTA on: calibrated at the end, tested with both."""
+    """A short real run with EMA, mixup and flip TTA on: calibrated at the end, tested with both
+    (the EMA resume test below then also shows that mixup resumes exactly)."""
     run = tmp_path_factory.mktemp("ema") / "run"
-    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.ema_decay": 0.9, "model.tta": "hflip"}), check=True)
+    run_cli("train", CONFIG, *small(utk_shards, run, **{"train.ema_decay": 0.9, "model.tta": "hflip",
+                                                           "train.mixup.alpha": 0.4}), check=True)
     return run
 
 
@@ -109,7 +111,8 @@ def test_ema_weights_are_validated_saved_and_resumed(ema_run, utk_shards, tmp_pa
     shutil.rmtree(cut / "best")
     (cut / "summary.json").unlink()
     (cut / "checkpoints" / "LATEST").write_text("step00000008\n")
-    run_cli("train", CONFIG, *small(utk_shards, cut, **{"train.ema_decay": 0.9, "model.tta": "hflip"}), "--resume",
+    run_cli("train", CONFIG, *small(utk_shards, cut, **{"train.ema_decay": 0.9, "model.tta": "hflip",
+                                                         "train.mixup.alpha": 0.4}), "--resume",
             check=True)
     again = torch.load(cut / "checkpoints" / "step00000012" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)
@@ -217,3 +220,35 @@ def test_method_args_reach_the_method_and_bad_ones_are_named():
     from base.errors import UserError
     with pytest.raises(UserError, match=r"model.method_args.sigmaa: not an option of method 'ldl'.*sigma"):
         load_config(CONFIG, ["model.method=ldl", "model.method_args={sigmaa: 3}"])
+
+
+def test_mixup_draws_are_seeded_and_the_loss_blends_both_label_sets_without_padding():
+    from trainer.mixup import mix_images, mixed_loss, mixup_pairs
+
+    assert mixup_pairs(8, 0.0, 1.0) is None and mixup_pairs(8, 0.2, 0.0) is None and mixup_pairs(1, 0.2, 1.0) is None
+    torch.manual_seed(5)
+    lam, perm = mixup_pairs(8, 0.2, 1.0)
+    torch.manual_seed(5)
+    lam2, perm2 = mixup_pairs(8, 0.2, 1.0)           # the trainer seeds per step: a resume mixes the same pairs
+    assert lam == lam2 and torch.equal(perm, perm2) and 0.5 <= lam <= 1.0
+    assert sorted(perm.tolist()) == list(range(8))
+    torch.manual_seed(0)
+    mixed = sum(mixup_pairs(8, 0.2, 0.3) is not None for _ in range(1000))
+    assert 250 <= mixed <= 350                        # prob is the share of mixed batches
+    x = torch.randn(4, 3, 8, 8)
+    p = torch.tensor([1, 0, 3, 2])
+    assert torch.allclose(mix_images(x.clone(), 0.75, p), 0.75 * x + 0.25 * x[p], atol=1e-6)
+    # The loss: an L2 age loss of a fixed output against both label sets, weighted lam / 1 - lam;
+    # a sample paired with loader padding counts in neither term.
+    out = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    labels = {"age": torch.tensor([12.0, 18.0, 35.0, 0.0]), "valid": torch.tensor([True, True, True, False])}
+
+    def l2(y):
+        v = y["valid"]
+        return {"loss": ((out[v] - y["age"][v]) ** 2).mean()}
+
+    got = mixed_loss(l2, labels, 0.75, p)["loss"]
+    # p pairs 0<->1 and 2<->3; 3 is padding, so only samples 0 and 1 count.
+    a = ((10 - 12) ** 2 + (20 - 18) ** 2) / 2
+    b = ((10 - 18) ** 2 + (20 - 12) ** 2) / 2
+    assert got.item() == pytest.approx(0.75 * a + 0.25 * b)

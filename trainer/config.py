@@ -121,6 +121,11 @@ class OptimConfig(Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
 
 
+class MixupConfig(Strict):
+    alpha: float = Field(0.0, ge=0, description="Beta(alpha, alpha) mixing weight; 0 = off (e.g. 0.2)")
+    prob: float = Field(1.0, ge=0, le=1, description="share of training batches that are mixed")
+
+
 class TrainConfig(Strict):
     run_dir: str = "runs/train"
     epochs: int = Field(10, ge=1)
@@ -131,6 +136,7 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     optimizer: OptimConfig = Field(default_factory=OptimConfig)
+    mixup: MixupConfig = Field(default_factory=MixupConfig)
     val_every_steps: int | None = Field(None, ge=1, description="also validate every N steps (default: per epoch)")
     ckpt_every_steps: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -29,6 +29,7 @@ from trainer.distributed import all_true, init
 from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
+from trainer.mixup import mix_images, mixed_loss, mixup_pairs
 from trainer.models import create_model
 from trainer.run_log import RunLog
 from trainer.schedule import make_optimizer, make_schedule
@@ -232,9 +233,14 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         for batch in train_loader:
             torch.manual_seed(_step_seed(tc.seed, step, rank))
             method.set_progress(step / total_steps)
-            out = engine(*[as_input(batch[k]) for k in ("image", "body") if k in batch])
+            images = [batch[k] for k in ("image", "body") if k in batch]
             labels = {k: batch[k].to(device) for k in ("age", "gender", "race", "valid")}
-            parts = multitask_loss(out, labels, method, cfg.model)
+            mix = mixup_pairs(len(images[0]), tc.mixup.alpha, tc.mixup.prob)
+            if mix is not None:
+                images = [mix_images(x, *mix) for x in images]
+            out = engine(*[as_input(x) for x in images])
+            parts = multitask_loss(out, labels, method, cfg.model) if mix is None else \
+                mixed_loss(lambda y: multitask_loss(out, y, method, cfg.model), labels, *mix)
             # Every rank skips a micro-batch whose loss is inf/nan on any rank (so none waits in a
             # collective); a streak of them stops the run before a diverged model is saved.
             if all_true(not bool(torch.isfinite(parts["loss"]))):
