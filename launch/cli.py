@@ -163,13 +163,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from search.sweep import resume_sweep, run_sweep
 
     if args.resume:
-        if args.spec or args.overrides:
-            raise UserError("--resume DIR continues a sweep as it was started; give no SPEC or overrides")
+        if args.spec or args.overrides or args.only:
+            raise UserError("--resume DIR continues a sweep as it was started; give no SPEC, overrides or --only")
         out, result = args.resume, resume_sweep(args.resume)
     else:
         if not args.spec or not args.out:
             raise UserError("give a sweep SPEC and --out DIR (or --resume DIR)")
-        out, result = args.out, run_sweep(args.spec, out_dir(args.out), args.overrides)
+        out, result = args.out, run_sweep(args.spec, out_dir(args.out), args.overrides, args.only)
     keys = list(result["best_params"] or {})
     print(f"{'trial':<13} {'status':<10} {'best MAE':>8} {'epochs':>6}  " + "  ".join(keys))
     for r in result["trials"]:
@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides of the base run config, e.g. data.loader.shards=runs/shards")
     p.add_argument("--out", type=Path, help="sweep folder")
     p.add_argument("--resume", type=Path, metavar="OUT", help="continue the sweep in OUT")
+    p.add_argument("--only", metavar="NAME[,NAME]", type=lambda s: [n for n in s.split(",") if n],
+                   help="run only these of the spec's variants (e.g. one row of the methods table)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="HTTP service on Ray Serve: POST /predict with a photo",

@@ -88,11 +88,24 @@ def _run_config(spec: SweepSpec, out: Path):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if spec.scheduler.name == "pbt" else 1))
 
 
-def run_sweep(spec_path: Path, out: Path, overrides: list[str] = ()) -> dict:
+def only_variants(spec: SweepSpec, names: list[str], spec_path: Path) -> SweepSpec:
+    """The spec cut down to the named variants: re-running one row of a table (a trial that was
+    stopped, a new seed) without the rest of the grid."""
+    unknown = [n for n in names if n not in spec.variants]
+    if not spec.variants:
+        raise UserError(f"--only: {spec_path} has no variants to choose from")
+    if unknown:
+        raise UserError(f"--only: {spec_path} has no variant {unknown[0]!r} (it has: {', '.join(spec.variants)})")
+    return spec.model_copy(update={"variants": {n: spec.variants[n] for n in spec.variants if n in names}})
+
+
+def run_sweep(spec_path: Path, out: Path, overrides: list[str] = (), only: list[str] | None = None) -> dict:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec, base = load_spec(spec_path, overrides)
+    if only:
+        spec = only_variants(spec, only, spec_path)
     out = out.resolve()  # trials run in Ray workers with another working directory
     if (out / STATE).exists():
         raise UserError(f"{out} already holds a sweep: continue it with `agescale tune --resume {out}` "

@@ -206,7 +206,10 @@ def test_spec_errors_name_the_key(utk_shards, tmp_path):
     assert r.returncode == 2 and "model.method cannot change" in r.stderr
     r = tune("--resume", tmp_path / "nothing", home=tmp_path / "home")
     assert r.returncode == 2 and "no sweep.json" in r.stderr
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+    r = tune(write_spec(tmp_path / "e.yaml", utk_shards), "--out", tmp_path / "o5", "--only", "dex,nope",
+             home=tmp_path / "home")
+    assert r.returncode == 2 and "has no variant 'nope' (it has: dex, l1)" in r.stderr
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5"))
 
 
 def test_the_methods_spec_covers_every_method_and_family_and_variants_are_checked_whole(tmp_path):
@@ -223,6 +226,10 @@ def test_the_methods_spec_covers_every_method_and_family_and_variants_are_checke
         "swinface", "gaussian_blend", 2)
     assert cfg.train.max_steps == 600 and cfg.train.optimizer.warmup_steps == 100
     assert cfg.train.run_dir == str(tmp_path / "run")
+    # --only: one row of the table again (a stopped trial, a new seed), the rest of the grid left out
+    from search.sweep import only_variants
+    assert list(only_variants(spec, ["swinface", "ldl"], Path("m.yaml")).variants) == ["ldl", "swinface"]
+    assert len(spec.variants) > 2                                       # the spec itself is not cut
     bad = write_spec(tmp_path / "bad.yaml", tmp_path, variants={"vit": {"model.architecture": "mivolo"}})
     with pytest.raises(UserError, match="variants.vit: .*needs a volo_\\* backbone"):
         load_spec(bad)
