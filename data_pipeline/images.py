@@ -10,6 +10,7 @@ the file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class Prepared:
     data: bytes = b""  # the original bytes, or new ones when re-encoded
     width: int = 0
     height: int = 0
+    sha256: str = ""  # of the input bytes as read (the sharder's de-duplication key), "" if unreadable
 
     @property
     def ok(self) -> bool:
@@ -45,24 +47,27 @@ def prepare_image(image: Path | bytes, max_side: int | None = None, quality: int
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
     except OSError as e:
         return Prepared(f"cannot read file: {e.strerror or e}")
+    # hashed from the bytes already in memory: one read per file for the decode check and the
+    # de-duplication both (a separate hashing pass in the parent cost ~0.2 s per 6,000 files)
+    digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = im.format or ""
             im.load()  # full decode: raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
             w, h = im.size
             if w < MIN_SIDE or h < MIN_SIDE:
-                return Prepared(f"image too small: {w}x{h}")
+                return Prepared(f"image too small: {w}x{h}", sha256=digest)
             shrink = max_side is not None and max(w, h) > max_side
             if fmt in KEPT_FORMATS and im.mode in KEPT_MODES and "transparency" not in im.info and not shrink:
-                return Prepared(ext=KEPT_FORMATS[fmt], data=data, width=w, height=h)
+                return Prepared(ext=KEPT_FORMATS[fmt], data=data, width=w, height=h, sha256=digest)
             out = to_rgb(ImageOps.exif_transpose(im), where)
     except UserError as e:
-        return Prepared(str(e))
+        return Prepared(str(e), sha256=digest)
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, DecompressionBombError
-        return Prepared(f"undecodable image: {type(e).__name__}: {e}")
+        return Prepared(f"undecodable image: {type(e).__name__}: {e}", sha256=digest)
     if shrink:
         out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     ext = "jpg" if fmt == "JPEG" or shrink else "png"
     out.save(buf, "JPEG", quality=quality) if ext == "jpg" else out.save(buf, "PNG")
-    return Prepared(ext=ext, data=buf.getvalue(), width=out.width, height=out.height)
+    return Prepared(ext=ext, data=buf.getvalue(), width=out.width, height=out.height, sha256=digest)

@@ -12,8 +12,10 @@ The tars are byte-identical for the same inputs and seed (fixed mtime, owner and
 
 Inputs with the same content (sha256 of the file bytes) are stored once, whichever dataset or
 folder they came from: the first in --src order (then adapter order) is kept, the others are
-listed under "duplicates" in the manifest. Splits are assigned after that, so one image can
-never be in two splits.
+listed under "duplicates" in the manifest and left out of whichever split they were assigned
+to, so one image can never be in two splits. The workers hash each file from the bytes they
+read for the decode check, so the de-duplication happens after the shards are written: the
+few shards that held a later copy are written again without it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import create_dataset
 from data_pipeline.images import prepare_image
 from data_pipeline.records import GENDERS, RACES, FaceRecord, Rejected, age_bin, age_bin_names, check_age, sample_key
-from data_pipeline.shard_exec import die_once, done_path, fingerprint, kill_point, run_jobs
+from data_pipeline.shard_exec import die_once, done_path, kill_point, run_jobs
 from data_pipeline.split import assign_splits, even_chunks, shard_count
 from data_pipeline.tarshard import ShardWriter
 
@@ -56,8 +58,7 @@ LABEL_FORMAT = {
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    # os-level open and one read for a small file: the image files' case, 6,000 of them in 0.08 s
-    # (hashlib.file_digest allocates 256 KiB per call and took 0.12 s; threads add GIL waits)
+    # one read for a small file, blocks for a large one (shards and indexes when a resume checks them)
     with open(path, "rb") as f:
         data = f.read(block)
         h = hashlib.sha256(data)
@@ -167,39 +168,28 @@ def input_name(rec: FaceRecord) -> str:
     return str(rec.image) if isinstance(rec.image, Path) else f"{rec.source}:{rec.original_id}"
 
 
-def _digest(rec: FaceRecord) -> str | None:
-    try:
-        return hashlib.sha256(rec.image).hexdigest() if isinstance(rec.image, bytes) else sha256_file(rec.image)
-    except OSError:
-        return None
-
-
-def _dedupe(records: Sequence[tuple[int, FaceRecord]]
-            ) -> tuple[list[tuple[int, FaceRecord]], list[tuple[int, dict]], dict[int, str]]:
-    """Keep the first record of each file content (sha256 of the bytes); list the others; and
-    each kept record's digest by id(record) (a resumed run's shard fingerprints use them).
-
-    Hashing costs one extra read per file (~0.08 s per 6,000 UTKFace files, from the page cache
-    the decode check then reads again), and it must happen before splits are assigned.
-    An unreadable file is kept here and rejected by the decode check.
-    """
+def _duplicates(records: Sequence[tuple[int, FaceRecord]], digest_of: dict[int, str]
+                ) -> tuple[set[int], list[tuple[int, dict]]]:
+    """The later copies of each file content, by id(record), and their manifest entries: the
+    first record in `records` order (--src order, then adapter order) of each sha256 is kept.
+    `digest_of` maps id(record) to the sha256 of every record that passed the decode check."""
     first: dict[str, FaceRecord] = {}
-    kept, dropped = [], []
+    dropped_ids: set[int] = set()
+    dropped: list[tuple[int, dict]] = []
     for i, rec in records:
-        digest = _digest(rec)
-        if digest is None:
-            kept.append((i, rec))
+        digest = digest_of.get(id(rec))
+        if digest is None:  # rejected by the decode check: not stored, nothing to compare
             continue
         if digest not in first:
             first[digest] = rec
-            kept.append((i, rec))
             continue
         k = first[digest]
         differ = "" if (k.age, k.gender, k.race) == (rec.age, rec.gender, rec.race) else \
             f"; labels differ: kept age {k.age:g}, gender {k.gender}, race {k.race}"
+        dropped_ids.add(id(rec))
         dropped.append((i, {"source": input_name(rec), "dataset": rec.source, "kept": input_name(k),
                             "sha256": digest, "reason": f"same content sha256 as {input_name(k)}{differ}"}))
-    return kept, dropped, {id(rec): d for d, rec in first.items()}
+    return dropped_ids, dropped
 
 
 def _unique_keys(records: Iterable[FaceRecord]) -> list[tuple[str, FaceRecord]]:
@@ -244,12 +234,13 @@ class ShardOutcome:
     info: dict | None  # None: every image of the shard was bad, no file written
     kept: list[tuple[str, FaceRecord]]
     rejected: list[Rejected]
+    digests: list[str]  # sha256 of each kept sample's input bytes, in `kept` order
 
 
 def write_shard(job: ShardJob) -> ShardOutcome:
     """Decode-check and write one shard (runs in a worker process; one shard per task, so the
     parent only coordinates and nothing but labels crosses the process boundary)."""
-    kept, rejected = [], []
+    kept, rejected, digests = [], [], []
     kill_marker = kill_point(job)
     with ShardWriter(job.path) as writer:
         for key, rec in job.members:
@@ -264,6 +255,7 @@ def write_shard(job: ShardJob) -> ShardOutcome:
                 rejected.append(Rejected(rec.source, rec.original_id, f"body crop {rec.body}: {body.reason}"))
                 continue
             kept.append((key, rec))
+            digests.append(img.sha256)
             meta = {"key": key, "age": rec.age, "gender": rec.gender, "race": rec.race, "subject": rec.subject,
                     "source": rec.source, "original_id": rec.original_id, "split": job.split,
                     "width": img.width, "height": img.height}
@@ -276,7 +268,7 @@ def write_shard(job: ShardJob) -> ShardOutcome:
     if not writer.keys:  # leave no empty tar behind
         writer.tar_path.unlink()
         writer.idx_path.unlink()
-    return ShardOutcome(job, writer.info if writer.keys else None, kept, rejected)
+    return ShardOutcome(job, writer.info if writer.keys else None, kept, rejected, digests)
 
 
 def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConfig, *,
@@ -291,9 +283,6 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
             why = f" ({stats['inputs']} inputs rejected; reasons: {dict(reasons.most_common(3))})" if stats["inputs"] else ""
             raise UserError(f"--src {stats['src']}: no usable {stats['dataset']} samples{why}")
     _prepare_out(out, overwrite, resume)
-    records, duplicates, digests = _dedupe(records)
-    for i, _ in duplicates:
-        per_source[i]["duplicates"] += 1
     pair_of = {id(rec): i for i, rec in records}
     keyed = _unique_keys(rec for _, rec in records)
     origin = {key: pair_of[id(rec)] for key, rec in keyed}  # key → index of its (dataset, --src) pair
@@ -325,8 +314,19 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
             reused += was_reused
             progress.update(len(done.job.members))
 
-        fps = [fingerprint(j, digests, FORMAT_VERSION) for j in jobs]
-        run_jobs(jobs, fps, sc, resume, on_done)
+        run_jobs(jobs, FORMAT_VERSION, sc, resume, on_done)
+        # De-duplication by the digests the workers took; the shards holding a later copy of a
+        # file are written again without it (none, when the inputs hold no duplicates).
+        digest_of = {id(rec): d for done in outcomes.values() for (_, rec), d in zip(done.kept, done.digests)}
+        dropped_ids, duplicates = _duplicates(records, digest_of)
+        if dropped_ids:
+            again = [ShardJob(j.path, j.split, [m for m in j.members if id(m[1]) not in dropped_ids], j.max_side,
+                              j.jpeg_quality) for j in jobs if any(id(m[1]) in dropped_ids for m in j.members)]
+            progress.total += sum(len(j.members) for j in again)
+            jobs = [next((a for a in again if a.path == j.path), j) for j in jobs]
+            run_jobs(again, FORMAT_VERSION, sc, False, on_done)
+    for i, _ in duplicates:
+        per_source[i]["duplicates"] += 1
     split_info: dict[str, dict] = {}
     sharded: list[tuple[str, FaceRecord]] = []
     for split in by_split:

@@ -7,9 +7,10 @@
          so sources and `--out` must be on a filesystem every node sees. A task whose worker dies
          is retried (`MAX_RETRIES`); the output is byte-identical to the local executor's.
 Each finished shard leaves `<tar>.done.json`: the job's fingerprint (its samples' keys, labels,
-input sha256s and the settings), the shard's info and which samples it kept. `--resume` keeps
-a shard whose record matches the job and whose tar and index still hash to the recorded
-sha256, and writes only the others. The records are removed once the manifest is written.
+inputs by path, size and mtime, and the settings), the shard's info, which samples it kept and
+their inputs' sha256. `--resume` keeps a shard whose record matches the job and whose tar and
+index still hash to the recorded sha256, and writes only the others. The records are removed
+once the manifest is written.
 """
 
 from __future__ import annotations
@@ -37,18 +38,23 @@ def done_path(tar: Path) -> Path:
     return tar.with_name(tar.name + DONE_SUFFIX)
 
 
-def fingerprint(job, digests: dict[int, str], format_version: int) -> str:
-    """What the shard's bytes depend on; `digests` maps id(record) to its input's sha256."""
-    from data_pipeline.shard import input_name
+def _identity(item: Path | bytes | None):
+    """What stands for an input in a fingerprint: the content hash of bytes held in memory, the
+    path, size and mtime of a file (as make and rsync judge a file changed; hashing every input
+    up front would cost the parent a pass over all of them)."""
+    if item is None or isinstance(item, bytes):
+        return None if item is None else hashlib.sha256(item).hexdigest()
+    try:
+        st = os.stat(item)
+    except OSError:
+        return [str(item), None]
+    return [str(item), st.st_size, st.st_mtime_ns]
 
-    def body(rec):
-        if rec.body is None or isinstance(rec.body, bytes):
-            return None if rec.body is None else hashlib.sha256(rec.body).hexdigest()
-        st = rec.body.stat()
-        return [str(rec.body), st.st_size, st.st_mtime_ns]
 
+def fingerprint(job, format_version: int) -> str:
+    """What the shard's bytes depend on."""
     payload = [format_version, job.split, job.path.name, job.max_side, job.jpeg_quality,
-               [[key, input_name(rec), digests.get(id(rec)), rec.age, rec.gender, rec.race, rec.subject, body(rec)]
+               [[key, _identity(rec.image), rec.age, rec.gender, rec.race, rec.subject, _identity(rec.body)]
                 for key, rec in job.members]]
     return hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()
 
@@ -72,67 +78,86 @@ def _sha(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def write_recorded(job, fp: str):
-    """Write one shard, then its record (atomically: a record means a complete shard)."""
+def write_recorded(job, format_version: int, fp: str | None = None) -> tuple:
+    """Write one shard, then its record (atomically: a record means a complete shard). Returns
+    (info, kept keys, rejected, digests): labels and keys only, so no record crosses back."""
     from data_pipeline.shard import write_shard
 
     outcome = write_shard(job)
-    record = {"fingerprint": fp, "info": outcome.info, "kept": [k for k, _ in outcome.kept],
-              "rejected": [[r.source, r.input, r.reason] for r in outcome.rejected]}
+    result = (outcome.info, [k for k, _ in outcome.kept], [[r.source, r.input, r.reason] for r in outcome.rejected],
+              outcome.digests)
+    record = {"fingerprint": fp or fingerprint(job, format_version), "info": result[0], "kept": result[1],
+              "rejected": result[2], "digests": result[3]}
     tmp = done_path(job.path).with_suffix(".partial")
     tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, done_path(job.path))
-    return outcome
+    return result
+
+
+def _outcome(job, info, kept_keys, rejected, digests):
+    """A ShardOutcome over the parent's own records (the de-duplication compares them by id)."""
+    from data_pipeline.shard import ShardOutcome
+
+    kept = set(kept_keys)
+    return ShardOutcome(job, info, [(k, rec) for k, rec in job.members if k in kept],
+                        [Rejected(*r) for r in rejected], list(digests))
 
 
 def reuse(job, fp: str):
     """The outcome recorded for this job if its shard is still intact, else None."""
-    from data_pipeline.shard import ShardOutcome
-
     try:
         record = json.loads(done_path(job.path).read_text())
     except (OSError, ValueError):
         return None
-    if record.get("fingerprint") != fp:
+    if record.get("fingerprint") != fp or "digests" not in record:
         return None
     info = record.get("info")
     if info is not None and (_sha(job.path) != info["sha256"] or _sha(job.path.with_suffix(".idx")) != info["index_sha256"]):
         return None
-    kept = set(record["kept"])
-    return ShardOutcome(job, info, [(k, rec) for k, rec in job.members if k in kept],
-                        [Rejected(*r) for r in record["rejected"]])
+    return _outcome(job, info, record["kept"], record["rejected"], record["digests"])
 
 
-def _write_pair(pair):
-    return write_recorded(*pair)
+# The local pool's jobs, inherited by its forked workers: a task is an index, so no record is
+# pickled on the way out either (pickling 6,000 records both ways cost the parent ~0.06 s).
+_TODO: list = []
 
 
-def run_jobs(jobs: Sequence, fps: Sequence[str], cfg: ShardConfig, resume: bool,
+def _write_nth(n: int) -> tuple:
+    job, format_version = _TODO[n]
+    return (n, *write_recorded(job, format_version))
+
+
+def run_jobs(jobs: Sequence, format_version: int, cfg: ShardConfig, resume: bool,
              on_done: Callable[[object, bool], None]) -> None:
     """Run (or, with `resume`, re-use) every job; `on_done(outcome, reused)` for each."""
     todo = []
-    for job, fp in zip(jobs, fps, strict=True):
-        old = reuse(job, fp) if resume else None
+    for job in jobs:
+        old = reuse(job, fingerprint(job, format_version)) if resume else None
         if old is not None:
             on_done(old, True)
         else:
             done_path(job.path).unlink(missing_ok=True)
-            todo.append((job, fp))
+            todo.append(job)
     # Largest shards first, so that no worker is left with a big one at the end.
-    todo.sort(key=lambda pair: -len(pair[0].members))
+    todo.sort(key=lambda job: -len(job.members))
     if not todo:
         return
     runner = _run_ray if cfg.executor == "ray" else _run_local
-    for outcome in runner(todo, cfg):
-        on_done(outcome, False)
+    for n, *result in runner(todo, format_version, cfg):
+        on_done(_outcome(todo[n], *result), False)
 
 
-def _run_local(todo, cfg: ShardConfig) -> Iterator:
-    with mp.get_context("fork").Pool(min(len(todo), cfg.workers or os.cpu_count() or 1)) as pool:
-        yield from pool.imap_unordered(_write_pair, todo)
+def _run_local(todo, format_version: int, cfg: ShardConfig) -> Iterator:
+    global _TODO
+    _TODO = [(job, format_version) for job in todo]
+    try:
+        with mp.get_context("fork").Pool(min(len(todo), cfg.workers or os.cpu_count() or 1)) as pool:
+            yield from pool.imap_unordered(_write_nth, range(len(todo)))
+    finally:
+        _TODO = []
 
 
-def _run_ray(todo, cfg: ShardConfig) -> Iterator:
+def _run_ray(todo, format_version: int, cfg: ShardConfig) -> Iterator:
     import ray
 
     from cluster.ray_session import start_ray
@@ -142,14 +167,14 @@ def _run_ray(todo, cfg: ShardConfig) -> Iterator:
         # retry_exceptions=False: a task is retried when its worker dies, not for a Python error
         # (a full disk fails the same way again, and the error should reach the user at once)
         task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(write_recorded)
-        pending = {task.remote(job, fp): job for job, fp in todo}
+        pending = {task.remote(job, format_version): n for n, job in enumerate(todo)}
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready)
+            n = pending.pop(ready)
             try:
-                yield ray.get(ready)
+                yield (n, *ray.get(ready))
             except ray.exceptions.WorkerCrashedError:
-                raise UserError(f"{job.path}: the task writing it died {MAX_RETRIES + 1} times; see Ray's logs "
+                raise UserError(f"{todo[n].path}: the task writing it died {MAX_RETRIES + 1} times; see Ray's logs "
                                 "(out of memory?); start again with --resume to keep the shards already written") from None
     finally:
         ray.shutdown()

@@ -244,3 +244,27 @@ def test_verify_api_reports_extra_files(utk_shards_copy):
     (utk_shards_copy / "train" / "stray.tar").write_bytes(b"")
     problems, n = verify_shards(utk_shards_copy)
     assert n == 24 and problems == ["train/stray.tar: not in the manifest"]
+
+
+def test_a_resumed_shard_is_kept_only_while_its_inputs_are_unchanged(tmp_path, sample_jpegs):
+    """A resume keeps a shard by its inputs' path, size and mtime (no hashing pass over the
+    inputs before writing); an input rewritten since then gives its shard another fingerprint."""
+    import os
+
+    from data_pipeline.records import FaceRecord
+    from data_pipeline.shard import FORMAT_VERSION, ShardJob
+    from data_pipeline.shard_exec import fingerprint
+
+    src = sample_jpegs[:3]
+    copies = []
+    for f in src:
+        copies.append(tmp_path / f.name)
+        copies[-1].write_bytes(f.read_bytes())
+    job = ShardJob(tmp_path / "train-000000.tar", "train",
+                   [(f"k{i}", FaceRecord(image=p, age=30.0, source="utkface", original_id=p.name))
+                    for i, p in enumerate(copies)], None, 95)
+    before = fingerprint(job, FORMAT_VERSION)
+    assert fingerprint(job, FORMAT_VERSION) == before                 # stable
+    copies[1].write_bytes(src[0].read_bytes())                       # other bytes in the same file
+    os.utime(copies[1], ns=(1, 1))
+    assert fingerprint(job, FORMAT_VERSION) != before
