@@ -320,11 +320,12 @@ def shard_datasets(sources: Sequence[tuple[str, Path]], out: Path, cfg: DataConf
         digest_of = {id(rec): d for done in outcomes.values() for (_, rec), d in zip(done.kept, done.digests)}
         dropped_ids, duplicates = _duplicates(records, digest_of)
         if dropped_ids:
-            again = [ShardJob(j.path, j.split, [m for m in j.members if id(m[1]) not in dropped_ids], j.max_side,
-                              j.jpeg_quality) for j in jobs if any(id(m[1]) in dropped_ids for m in j.members)]
-            progress.total += sum(len(j.members) for j in again)
-            jobs = [next((a for a in again if a.path == j.path), j) for j in jobs]
-            run_jobs(again, FORMAT_VERSION, sc, False, on_done)
+            again = {j.path: ShardJob(j.path, j.split, [m for m in j.members if id(m[1]) not in dropped_ids],
+                                      j.max_side, j.jpeg_quality)
+                     for j in jobs if any(id(m[1]) in dropped_ids for m in j.members)}
+            progress.total += sum(len(j.members) for j in again.values())
+            jobs = [again.get(j.path, j) for j in jobs]
+            run_jobs(list(again.values()), FORMAT_VERSION, sc, False, on_done)
     for i, _ in duplicates:
         per_source[i]["duplicates"] += 1
     split_info: dict[str, dict] = {}

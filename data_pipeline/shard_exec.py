@@ -78,7 +78,7 @@ def _sha(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def write_recorded(job, format_version: int, fp: str | None = None) -> tuple:
+def write_recorded(job, format_version: int) -> tuple:
     """Write one shard, then its record (atomically: a record means a complete shard). Returns
     (info, kept keys, rejected, digests): labels and keys only, so no record crosses back."""
     from data_pipeline.shard import write_shard
@@ -86,7 +86,7 @@ def write_recorded(job, format_version: int, fp: str | None = None) -> tuple:
     outcome = write_shard(job)
     result = (outcome.info, [k for k, _ in outcome.kept], [[r.source, r.input, r.reason] for r in outcome.rejected],
               outcome.digests)
-    record = {"fingerprint": fp or fingerprint(job, format_version), "info": result[0], "kept": result[1],
+    record = {"fingerprint": fingerprint(job, format_version), "info": result[0], "kept": result[1],
               "rejected": result[2], "digests": result[3]}
     tmp = done_path(job.path).with_suffix(".partial")
     tmp.write_text(json.dumps(record) + "\n")
