@@ -7,7 +7,10 @@ measured `rounds` times, interleaved (bare, trainer, bare, trainer, ...) so that
 on a shared machine hits both alike, and the medians are compared: `ratio` = trainer / bare
 (`target` 1.05). With `compiled`, two more rows: the bare loop and the trainer with
 `torch.compile`; `compiled_ratio` = compiled trainer / eager bare loop (what compiling buys
-end to end). The first steps of each measurement are warm-up (and compilation), not timed.
+end to end). With `autocast`, two more: both under bf16 autocast (the trainer with
+`train.precision=bf16_autocast`, the bare loop inside `torch.autocast`); `autocast_ratio` =
+autocast trainer / autocast bare loop, `autocast_speedup` = fp32 trainer / autocast trainer.
+The first steps of each measurement are warm-up (and compilation), not timed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from trainer.schedule import make_optimizer
 WARMUP, LOG = 10, 10
 
 
-def _bare(cfg, steps: int, compiled: bool = False) -> float:
+def _bare(cfg, steps: int, compiled: bool = False, autocast: bool = False) -> float:
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)  # as the trainer does
     model = create_model(cfg.model, cfg.data.loader.image_size)
@@ -42,7 +45,10 @@ def _bare(cfg, steps: int, compiled: bool = False) -> float:
     for i in range(WARMUP + steps):
         if i == WARMUP:
             t = time.perf_counter()
-        loss = multitask_loss(forward(batch["image"]), batch, model.method, cfg.model)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = forward(batch["image"])
+        out = {k: v.float() for k, v in out.items()}  # the losses in fp32, as the trainer computes them
+        loss = multitask_loss(out, batch, model.method, cfg.model)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -59,11 +65,13 @@ def _trainer(cfg, steps: int) -> float:
     return cfg.data.loader.batch_size / statistics.median(rates)
 
 
-def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3, compiled: bool = False) -> dict:
+def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3, compiled: bool = False,
+        autocast: bool = False) -> dict:
     if rounds < 1 or steps < 1:
         raise UserError(f"--rounds {rounds} / --steps {steps}: each must be at least 1")
     steps = max(LOG, steps // LOG * LOG)
-    rows = {"bare": [], "trainer": []} | ({"bare_compiled": [], "trainer_compiled": []} if compiled else {})
+    rows = {"bare": [], "trainer": []} | ({"bare_compiled": [], "trainer_compiled": []} if compiled else {}) | (
+        {"bare_autocast": [], "trainer_autocast": []} if autocast else {})
     with tempfile.TemporaryDirectory(prefix="agescale-bench-") as tmp:
         def cfg_for(i: int, name: str, extra=()):
             return load_config(None, [
@@ -78,6 +86,10 @@ def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3,
             if compiled:
                 rows["bare_compiled"].append(_bare(cfg_for(i, "bare_c"), steps, compiled=True))
                 rows["trainer_compiled"].append(_trainer(cfg_for(i, "trainer_c", ["train.compile=true"]), steps))
+            if autocast:
+                rows["bare_autocast"].append(_bare(cfg_for(i, "bare_a"), steps, autocast=True))
+                rows["trainer_autocast"].append(_trainer(cfg_for(i, "trainer_a", ["train.precision=bf16_autocast"]),
+                                                         steps))
         cfg = cfg_for(0, "x")  # the model and method the rows measured
     med = {k: statistics.median(v) for k, v in rows.items()}
     out = {"benchmark": "train", "model": cfg.model.backbone, "method": cfg.model.method, "image_size": image_size,
@@ -90,4 +102,7 @@ def run(image_size: int = 64, batch: int = 32, steps: int = 40, rounds: int = 3,
     if compiled:
         out["compiled_ratio"] = round(med["trainer_compiled"] / med["bare"], 3)
         out["compiled_vs_eager_trainer"] = round(med["trainer_compiled"] / med["trainer"], 3)
+    if autocast:
+        out["autocast_ratio"] = round(med["trainer_autocast"] / med["bare_autocast"], 3)
+        out["autocast_speedup"] = round(med["trainer"] / med["trainer_autocast"], 3)
     return out | {"machine": machine()}

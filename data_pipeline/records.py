@@ -14,9 +14,9 @@ GENDERS = {0: "male", 1: "female"}
 RACES = {0: "white", 1: "black", 2: "asian", 3: "indian", 4: "other"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FaceRecord:
-    """One labelled face image, before sharding."""
+    """One labelled face image, before sharding (slots: the sharder holds one per input)."""
 
     image: Path | bytes
     age: float

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -203,19 +204,27 @@ def _unique_keys(records: Iterable[FaceRecord]) -> list[tuple[str, FaceRecord]]:
 
 
 def _stats(members: Sequence[tuple[str, FaceRecord]], cfg: DataConfig) -> dict:
-    ages = [r.age for _, r in members]
-    bins = Counter(age_bin(a, cfg.labels) for a in ages)
+    # One pass per field over plain lists, age bins looked up per distinct age, and the standard
+    # deviation in floats: statistics.pstdev's exact fractions were a quarter of the sharder's
+    # serial time (0.045 s of ~0.19 s per 6,000 images, on 2 cores).
+    recs = [r for _, r in members]
+    ages = [r.age for r in recs]
+    names: dict[float, str] = {}
+    bins = Counter(names[a] if a in names else names.setdefault(a, age_bin(a, cfg.labels)) for a in ages)
+    n = len(ages)
+    mean = math.fsum(ages) / n if n else 0.0
+    std = math.sqrt(math.fsum((a - mean) ** 2 for a in ages) / n) if n else 0.0
     return {
-        "count": len(members),
+        "count": n,
         "age_bins": {b: bins.get(b, 0) for b in age_bin_names(cfg.labels)},
-        "age": {"mean": round(statistics.fmean(ages), 4), "std": round(statistics.pstdev(ages), 4),
+        "age": {"mean": round(mean, 4), "std": round(std, 4),
                 "median": statistics.median(ages), "min": min(ages), "max": max(ages)} if ages else None,
         "gender": {GENDERS.get(k, "unknown"): v for k, v in sorted(Counter(
-            -1 if r.gender is None else r.gender for _, r in members).items())},
+            -1 if r.gender is None else r.gender for r in recs).items())},
         "race": {RACES.get(k, "unknown"): v for k, v in sorted(Counter(
-            -1 if r.race is None else r.race for _, r in members).items())},
-        "sources": dict(sorted(Counter(r.source for _, r in members).items())),
-        "with_body": sum(r.body is not None for _, r in members),
+            -1 if r.race is None else r.race for r in recs).items())},
+        "sources": dict(sorted(Counter(r.source for r in recs).items())),
+        "with_body": sum(r.body is not None for r in recs),
     }
 
 

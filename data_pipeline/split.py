@@ -26,17 +26,19 @@ def assign_splits(items: Sequence[tuple[str, FaceRecord]], ratios: dict[str, flo
 
     by_bin: dict[str, list[str]] = defaultdict(list)
     for gid in sorted(groups):
-        by_bin[age_bin(statistics.median(r.age for _, r in groups[gid]), labels)].append(gid)
+        group = groups[gid]  # most groups are one face (no subject ids): its age is the median
+        by_bin[age_bin(group[0][1].age if len(group) == 1 else statistics.median(r.age for _, r in group),
+                       labels)].append(gid)
 
     rng = random.Random(seed)
     out: dict[str, list[tuple[str, FaceRecord]]] = {name: [] for name in ratios}
     for bin_name in age_bin_names(labels):
         gids = by_bin.get(bin_name, [])
         rng.shuffle(gids)
-        placed = dict.fromkeys(ratios, 0)
+        placed, total = dict.fromkeys(ratios, 0), 0
         for gid in gids:
             size = len(groups[gid])
-            total = sum(placed.values()) + size
+            total += size
             target = max(ratios, key=lambda s: ratios[s] * total - placed[s])
             placed[target] += size
             out[target].extend(groups[gid])

@@ -261,7 +261,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from bench.train import run
 
     return _emit(run(image_size=args.image_size, batch=args.batch, steps=args.steps, rounds=args.rounds,
-                     compiled=args.compiled), args.out)
+                     compiled=args.compiled, autocast=args.autocast), args.out)
 
 
 def _predict_photos(args: argparse.Namespace, files: list[Path]) -> int:
@@ -533,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=40, help="timed steps of each (after 10 warm-up steps)")
     b.add_argument("--rounds", type=int, default=3, help="measurements of each, interleaved; medians compared")
     b.add_argument("--compiled", action="store_true", help="also the torch.compile rows (compiles ~1 min each)")
+    b.add_argument("--autocast", action="store_true", help="also the bf16 autocast rows (train.precision="
+                   "bf16_autocast; fast on CPUs with AVX512-BF16 or AMX)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_train)
     b = bsub.add_parser("predict", help="ONNX Runtime vs torch eager images/s at batch 1 and 32",

@@ -252,3 +252,65 @@ def test_mixup_draws_are_seeded_and_the_loss_blends_both_label_sets_without_padd
     a = ((10 - 12) ** 2 + (20 - 18) ** 2) / 2
     b = ((10 - 18) ** 2 + (20 - 12) ** 2) / 2
     assert got.item() == pytest.approx(0.75 * a + 0.25 * b)
+
+
+_AUTOCAST_PROBE = r"""
+import json, sys, torch, deepspeed
+from cluster.env import detect
+from trainer.config import ModelConfig, TrainConfig
+from trainer.distributed import init
+from trainer.ds_config import deepspeed_config
+from trainer.models import create_model
+from trainer.schedule import make_optimizer, make_schedule
+init(detect(), "cpu")
+tc = TrainConfig(precision=sys.argv[1])
+model = create_model(ModelConfig(method="ldl"), 32)
+opt = make_optimizer(model, tc.optimizer)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=make_schedule(opt, tc.optimizer, 10),
+                                       config=deepspeed_config(tc, 4))
+seen = {}
+engine.module.backbone.conv1.register_forward_hook(lambda m, i, o: seen.__setitem__("conv", str(o.dtype)))
+engine.module.backbone.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("bn", str(o.dtype)))
+out = engine(torch.randn(4, 3, 32, 32))
+seen["param"] = str(engine.module.backbone.conv1.weight.dtype)
+seen["bf16_comm"] = sum(getattr(p, "comm_dtype", None) == torch.bfloat16 for p in engine.module.parameters())
+print(json.dumps(seen))
+"""
+
+
+def test_bf16_autocast_runs_convs_in_bf16_keeps_fp32_weights_and_resumes_exactly(utk_shards, tmp_path):
+    """DeepSpeed's torch_autocast (train.precision=bf16_autocast): inside the engine's forward the
+    convolutions compute in bf16 (and so BatchNorm's output is bf16) while the weights stay fp32;
+    with fp32 nothing is bf16. The gradients of every parameter stay fp32 (no module is marked
+    for bf16 communication)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    probe = {}
+    for precision in ("bf16_autocast", "fp32"):
+        r = subprocess.run([sys.executable, "-c", _AUTOCAST_PROBE, precision], capture_output=True, text=True,
+                           cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        probe[precision] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["bf16_autocast"] == {"conv": "torch.bfloat16", "bn": "torch.bfloat16", "param": "torch.float32",
+                                      "bf16_comm": 0}
+    assert probe["fp32"] == {"conv": "torch.float32", "bn": "torch.float32", "param": "torch.float32",
+                             "bf16_comm": 0}
+    # Training: finite fp32 losses; resumed from its step-8 checkpoint (a copy of the run rewound
+    # there), the run ends on the uninterrupted run's weights.
+    opts = {"train.precision": "bf16_autocast", "train.max_steps": 12, "train.val_every_steps": 8,
+            "train.ckpt_every_steps": 8, "train.test_at_end": "false", "train.calibrate": "false"}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli("train", CONFIG, *small(utk_shards, full, **opts), check=True)
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step00000012")
+    shutil.rmtree(cut / "best")
+    (cut / "summary.json").unlink()
+    (cut / "checkpoints" / "LATEST").write_text("step00000008\n")
+    run_cli("train", CONFIG, *small(utk_shards, cut, **opts), "--resume", check=True)
+    losses = [json.loads(l)["loss"] for l in (full / "metrics.jsonl").read_text().splitlines()
+              if json.loads(l)["phase"] == "train"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert summary(cut)["steps"] == 12
+    assert summary(cut)["param_checksums"] == summary(full)["param_checksums"]

@@ -78,11 +78,16 @@ def test_bench_with_missing_source_is_one_line(tmp_path):
 
 
 def test_bench_train_json(tmp_path):
-    run_cli("bench", "train", "--steps", "10", "--batch", "8", "--image-size", "32", "--rounds", "2",
+    run_cli("bench", "train", "--steps", "10", "--batch", "8", "--image-size", "32", "--rounds", "2", "--autocast",
             "--out", tmp_path / "t.json", check=True)
     out = json.loads((tmp_path / "t.json").read_text())
     rows = {r["row"]: r for r in out["results"]}
-    assert set(rows) == {"bare", "trainer"} and out["rounds"] == 2 and out["target"] == 1.05
+    assert set(rows) == {"bare", "trainer", "bare_autocast", "trainer_autocast"}
+    assert out["rounds"] == 2 and out["target"] == 1.05
+    assert out["autocast_ratio"] == pytest.approx(rows["trainer_autocast"]["step_s"] / rows["bare_autocast"]["step_s"],
+                                                  rel=0.01)
+    assert out["autocast_speedup"] == pytest.approx(rows["trainer"]["step_s"] / rows["trainer_autocast"]["step_s"],
+                                                    rel=0.01)
     for r in rows.values():                                  # the reported value is the median of the rounds
         assert len(r["rounds_step_s"]) == 2 and all(x > 0 for x in r["rounds_step_s"])
         assert r["step_s"] == pytest.approx(sum(r["rounds_step_s"]) / 2, abs=1e-4)

@@ -51,6 +51,20 @@ def test_full_shared_set_counts_add_up(utk_shards, shared_utkface):
     assert (utk_shards / "config.yaml").exists()
 
 
+def test_manifest_age_statistics_equal_the_statistics_module(utk_shards, shared_utkface):
+    """The sharder computes mean, std and bins in floats for speed; they must read as the exact
+    `statistics` results would, from the shared manifest CSV's ages."""
+    import csv
+    import statistics
+
+    ages = [float(row["age"]) for row in csv.DictReader((shared_utkface.parent / "utkface_manifest.csv").open())]
+    age = manifest(utk_shards)["total"]["age"]
+    assert age["mean"] == round(statistics.fmean(ages), 4) and age["std"] == round(statistics.pstdev(ages), 4)
+    assert age["median"] == statistics.median(ages) and (age["min"], age["max"]) == (min(ages), max(ages))
+    bins = manifest(utk_shards)["total"]["age_bins"]
+    assert bins["20-29"] == sum(20 <= a < 30 for a in ages) and bins["100+"] == sum(a >= 100 for a in ages)
+
+
 def test_splits_are_stratified_by_age(utk_shards):
     m = manifest(utk_shards)
     total = m["total"]["age_bins"]

@@ -24,6 +24,12 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict:
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.precision == "bf16"},
+        # DeepSpeed's own autocast: the engine's forward runs under torch.autocast (convs and
+        # Linears compute in bf16, activations stay bf16 between them; weights, optimizer state
+        # and BatchNorm statistics stay fp32). An empty list of "lower precision safe" modules
+        # keeps ZeRO 1/2 from reducing those modules' gradients in bf16.
+        "torch_autocast": {"enabled": cfg.precision == "bf16_autocast", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 2 ** 31 - 1,  # agescale logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }

@@ -100,7 +100,9 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     if tc.device == "gpu" and not torch.cuda.is_available():
         raise UserError("train.device=gpu but no CUDA device is visible; use train.device=cpu")
     if tc.precision == "bf16" and tc.device == "cpu":
-        logging.getLogger("agescale").warning("bf16 on CPU is several times slower than fp32 here")
+        logging.getLogger("agescale").warning(
+            "train.precision=bf16 (bf16 weights) on CPU ran several times slower than fp32 on CPUs without "
+            "native bf16; train.precision=bf16_autocast is the CPU choice")
     shards = Path(cfg.data.loader.shards)
     if cfg.data.loader.backend != "synthetic" and not (shards / MANIFEST).exists():
         raise UserError(f"data.loader.shards={shards}: no {MANIFEST} there (run `agescale shard ... --out {shards}`)")
@@ -162,6 +164,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     if tc.compile:
         compile_engine(engine)
     eval_model = ema.module if ema is not None else engine.module
+
+    def as_float(out: dict) -> dict:
+        """Losses in fp32: under bf16_autocast the heads' Linear outputs come back in bf16."""
+        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()} \
+            if tc.precision == "bf16_autocast" else out
 
     def as_input(images: torch.Tensor) -> torch.Tensor:
         images = images.to(device, non_blocking=True)
@@ -238,7 +245,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             mix = mixup_pairs(len(images[0]), tc.mixup.alpha, tc.mixup.prob)
             if mix is not None:
                 images = [mix_images(x, *mix) for x in images]
-            out = engine(*[as_input(x) for x in images])
+            out = as_float(engine(*[as_input(x) for x in images]))
             parts = multitask_loss(out, labels, method, cfg.model) if mix is None else \
                 mixed_loss(lambda y: multitask_loss(out, y, method, cfg.model), labels, *mix)
             # Every rank skips a micro-batch whose loss is inf/nan on any rank (so none waits in a
