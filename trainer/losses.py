@@ -12,7 +12,9 @@ from trainer.methods import AgeMethod
 
 def multitask_loss(out: dict[str, torch.Tensor], batch: dict, method: AgeMethod,
                    cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Parts and their weighted sum under "loss"."""
+    """Parts and their weighted sum under "loss", always in fp32: under autocast
+    (train.precision=bf16_autocast) the heads' outputs arrive in bf16."""
+    out = {k: v.float() if v.is_floating_point() else v for k, v in out.items()}  # no copy when fp32
     valid = batch.get("valid")
     valid = torch.ones_like(batch["age"], dtype=torch.bool) if valid is None else valid.to(batch["age"].device)
     zero = out["age"].sum() * 0.0

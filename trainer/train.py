@@ -165,11 +165,6 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         compile_engine(engine)
     eval_model = ema.module if ema is not None else engine.module
 
-    def as_float(out: dict) -> dict:
-        """Losses in fp32: under bf16_autocast the heads' Linear outputs come back in bf16."""
-        return {k: v.float() if v.is_floating_point() else v for k, v in out.items()} \
-            if tc.precision == "bf16_autocast" else out
-
     def as_input(images: torch.Tensor) -> torch.Tensor:
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if tc.channels_last else images
@@ -245,7 +240,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             mix = mixup_pairs(len(images[0]), tc.mixup.alpha, tc.mixup.prob)
             if mix is not None:
                 images = [mix_images(x, *mix) for x in images]
-            out = as_float(engine(*[as_input(x) for x in images]))
+            out = engine(*[as_input(x) for x in images])
             parts = multitask_loss(out, labels, method, cfg.model) if mix is None else \
                 mixed_loss(lambda y: multitask_loss(out, y, method, cfg.model), labels, *mix)
             # Every rank skips a micro-batch whose loss is inf/nan on any rank (so none waits in a
