@@ -63,14 +63,14 @@ def age_bin_names(labels: LabelConfig) -> list[str]:
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-def sample_key(record: FaceRecord) -> str:
+def sample_key(source: str, original_id: str) -> str:
     """WebDataset/DALI key: '<source>-<id without extensions>'.
 
     Keys may not contain dots (both readers split the extension at the first dot of the name)
     nor slashes, so everything else becomes '_'.
     """
-    stem = record.original_id.replace("\\", "/")
+    stem = original_id.replace("\\", "/")
     head, _, base = stem.rpartition("/")
     base = base.split(".", 1)[0]
     stem = f"{head}/{base}" if head else base
-    return f"{record.source}-{_KEY_UNSAFE.sub('_', stem).strip('_')}"
+    return f"{source}-{_KEY_UNSAFE.sub('_', stem).strip('_')}"

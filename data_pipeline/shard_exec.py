@@ -83,9 +83,9 @@ def write_recorded(job, format_version: int) -> tuple:
     (info, kept keys, rejected, digests): labels and keys only, so no record crosses back."""
     from data_pipeline.shard import write_shard
 
-    outcome = write_shard(job)
-    result = (outcome.info, [k for k, _ in outcome.kept], [[r.source, r.input, r.reason] for r in outcome.rejected],
-              outcome.digests)
+    written = write_shard(job)
+    result = (written.info, written.kept, [[r.source, r.input, r.reason] for r in written.rejected],
+              written.digests)
     record = {"fingerprint": fingerprint(job, format_version), "info": result[0], "kept": result[1],
               "rejected": result[2], "digests": result[3]}
     tmp = done_path(job.path).with_suffix(".partial")
@@ -95,12 +95,18 @@ def write_recorded(job, format_version: int) -> tuple:
 
 
 def _outcome(job, info, kept_keys, rejected, digests):
-    """A ShardOutcome over the parent's own records (the de-duplication compares them by id)."""
+    """A ShardOutcome in the parent's terms: the kept samples as table indices (in the order the
+    worker wrote them, which is the job's order) and their digests as raw bytes."""
+    import numpy as np
+
     from data_pipeline.shard import ShardOutcome
 
+    members = job.members
     kept = set(kept_keys)
-    return ShardOutcome(job, info, [(k, rec) for k, rec in job.members if k in kept],
-                        [Rejected(*r) for r in rejected], list(digests))
+    mask = np.array([members.keys[i].decode() in kept for i in members.indices.tolist()], bool)
+    raw = np.frombuffer(b"".join(bytes.fromhex(d) for d in digests), np.uint8).reshape(-1, 32)
+    return ShardOutcome(job, info, members.indices[mask],
+                        [Rejected(*r) for r in rejected], raw)
 
 
 def reuse(job, fp: str):

@@ -10,42 +10,63 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections import defaultdict
-from collections.abc import Sequence
+
+import numpy as np
 
 from data_pipeline.config import LabelConfig
-from data_pipeline.records import FaceRecord, age_bin, age_bin_names
+from data_pipeline.record_table import RecordTable
+from data_pipeline.records import age_bin, age_bin_names
 
 
-def assign_splits(items: Sequence[tuple[str, FaceRecord]], ratios: dict[str, float], seed: int,
-                  labels: LabelConfig) -> dict[str, list[tuple[str, FaceRecord]]]:
-    """Map split name → (key, record) list, each list shuffled with the seed."""
-    groups: dict[str, list[tuple[str, FaceRecord]]] = defaultdict(list)
-    for key, rec in sorted(items, key=lambda kv: kv[0]):
-        groups[f"{rec.source}/subject/{rec.subject}" if rec.subject else key].append((key, rec))
+def group_ids(keys: np.ndarray, table: RecordTable) -> np.ndarray:
+    """Each sample's group: '<source>/subject/<subject>', or its own key when it has no subject."""
+    if not any(table.subject[i] is not None for i in range(len(table))):
+        return keys
+    return np.array([keys[i] if table.subject[i] is None else
+                     f"{table.source_name(i)}/subject/{table.subject[i]}".encode("utf-8", "surrogateescape")
+                     for i in range(len(table))])
 
-    by_bin: dict[str, list[str]] = defaultdict(list)
-    for gid in sorted(groups):
-        group = groups[gid]  # most groups are one face (no subject ids): its age is the median
-        by_bin[age_bin(group[0][1].age if len(group) == 1 else statistics.median(r.age for _, r in group),
-                       labels)].append(gid)
+
+def assign_splits(keys: np.ndarray, table: RecordTable, ratios: dict[str, float], seed: int,
+                  labels: LabelConfig) -> dict[str, np.ndarray]:
+    """Map split name → the table indices of its samples, shuffled with the seed. `keys[i]` is
+    sample i's key (bytes). Vectorised over numpy arrays so that no Python object per sample
+    outlives a step; group and key order are bytewise, which is Python's str order for UTF-8."""
+    _, group_of, sizes = np.unique(group_ids(keys, table), return_inverse=True, return_counts=True)
+    ages = table.numpy("age")
+    group_age = np.zeros(len(sizes))
+    group_age[group_of] = ages          # one-face groups (all of UTKFace): the face's age
+    if (sizes > 1).any():               # larger groups: their median age
+        by_group = np.argsort(group_of, kind="stable")
+        ends = np.cumsum(sizes)
+        for g in np.flatnonzero(sizes > 1):
+            group_age[g] = statistics.median(ages[by_group[ends[g] - sizes[g]:ends[g]]].tolist())
+    bin_names = age_bin_names(labels)
+    distinct, age_of_group = np.unique(group_age, return_inverse=True)
+    group_bin = np.array([bin_names.index(age_bin(a, labels)) for a in distinct.tolist()])[age_of_group]
 
     rng = random.Random(seed)
-    out: dict[str, list[tuple[str, FaceRecord]]] = {name: [] for name in ratios}
-    for bin_name in age_bin_names(labels):
-        gids = by_bin.get(bin_name, [])
-        rng.shuffle(gids)
+    split_names = list(ratios)
+    split_of_group = np.zeros(len(sizes), np.int64)
+    for b in range(len(bin_names)):
+        gids_in_bin = np.flatnonzero(group_bin == b)   # in group order
+        order = list(range(len(gids_in_bin)))
+        rng.shuffle(order)          # the permutation random.shuffle gives a list of this length
         placed, total = dict.fromkeys(ratios, 0), 0
-        for gid in gids:
-            size = len(groups[gid])
+        for g in gids_in_bin[order].tolist():
+            size = int(sizes[g])
             total += size
             target = max(ratios, key=lambda s: ratios[s] * total - placed[s])
             placed[target] += size
-            out[target].extend(groups[gid])
+            split_of_group[g] = split_names.index(target)
 
-    for name, members in out.items():
-        members.sort(key=lambda kv: kv[0])
-        random.Random(f"{seed}/{name}").shuffle(members)
+    out: dict[str, np.ndarray] = {}
+    for n, name in enumerate(split_names):
+        members = np.flatnonzero(split_of_group[group_of] == n)
+        members = members[np.argsort(keys[members], kind="stable")]
+        order = list(range(len(members)))
+        random.Random(f"{seed}/{name}").shuffle(order)
+        out[name] = members[order]
     return out
 
 
