@@ -222,6 +222,28 @@ def test_method_args_reach_the_method_and_bad_ones_are_named():
         load_config(CONFIG, ["model.method=ldl", "model.method_args={sigmaa: 3}"])
 
 
+def test_ldl_lambda_l1_adds_the_expectation_l1_term_and_zero_keeps_the_plain_kl():
+    """DLDL-v2's term: the loss gains lambda * |E[age] - age|; at 0 it is exactly the old KL."""
+    plain = create_model(load_config(CONFIG, ["model.method=ldl"]).model, 32).method
+    dldl = create_model(load_config(CONFIG, ["model.method=ldl", "model.method_args={lambda_l1: 2.0}"]).model, 32).method
+    out = torch.randn(3, plain.out_features, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    age = torch.tensor([5.0, 33.0, 71.0])
+    kl = torch.nn.functional.kl_div(torch.log_softmax(out, 1), plain.target(age), reduction="batchmean")
+    assert set(plain.loss(out, age)) == {"loss"} and plain.loss(out, age)["loss"].item() == pytest.approx(kl.item(), abs=1e-6)
+    parts = dldl.loss(out, age)
+    expected_age = torch.softmax(out, 1) @ dldl.ages.float()
+    l1 = (expected_age - age).abs().mean()
+    assert parts["kl"].item() == pytest.approx(kl.item(), abs=1e-6)
+    assert parts["l1"].item() == pytest.approx(l1.item(), rel=1e-5) and parts["l1"].item() > 1.0
+    assert parts["loss"].item() == pytest.approx(kl.item() + 2.0 * l1.item(), rel=1e-5)
+    g_plain, = torch.autograd.grad(plain.loss(out, age)["loss"], out)
+    g_dldl, = torch.autograd.grad(parts["loss"], out)
+    assert (g_dldl - g_plain).abs().max().item() > 1e-3          # the term reaches the gradient
+    from base.errors import UserError
+    with pytest.raises(UserError, match=r"model.method_args.lambda_l1=-1.*0.0 to 100.0"):
+        load_config(CONFIG, ["model.method=ldl", "model.method_args={lambda_l1: -1}"])
+
+
 def test_mixup_draws_are_seeded_and_the_loss_blends_both_label_sets_without_padding():
     from trainer.mixup import mix_images, mixed_loss, mixup_pairs
 
