@@ -282,3 +282,29 @@ def test_a_resumed_shard_is_kept_only_while_its_inputs_are_unchanged(tmp_path, s
     copies[1].write_bytes(src[0].read_bytes())                       # other bytes in the same file
     os.utime(copies[1], ns=(1, 1))
     assert fingerprint(job, FORMAT_VERSION) != before
+
+
+def test_colliding_keys_get_suffixes_in_source_and_id_order():
+    """The documented rule: `sample_key`, then _2, _3, ... for the later of colliding keys in
+    (source, original id) order, ties in collection order. Written out here as the plain sort
+    of every record the driver no longer does (it sorts only the collisions)."""
+    from data_pipeline.record_table import RecordTable
+    from data_pipeline.records import FaceRecord, sample_key
+    from data_pipeline.shard import _unique_keys
+
+    ids = [("utk", "b.png"), ("utk", "x/a.jpg"), ("fg", "a.jpg"), ("utk", "a.jpg"), ("utk", "x_a.jpg"),
+           ("utk", "a.png"), ("utk", "a.jpg"), ("utk", "c.jpg"), ("utk", "b.jpg"), ("utk", "a.jpeg")]
+    table = RecordTable()
+    for n, (source, rid) in enumerate(ids):
+        table.append(FaceRecord(image=Path("/d") / rid, age=20 + n, source=source, original_id=rid), n % 2)
+    seen: Counter[str] = Counter()
+    expected = [""] * len(ids)
+    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+        key = sample_key(*ids[i])
+        seen[key] += 1
+        expected[i] = key if seen[key] == 1 else f"{key}_{seen[key]}"
+    got = [k.decode() for k in _unique_keys(table)]
+    assert got == expected
+    assert got[9] == "utk-a" and [got[3], got[6], got[5]] == ["utk-a_2", "utk-a_3", "utk-a_4"]  # a.jpeg < a.jpg < a.png
+    assert (got[1], got[4], got[2]) == ("utk-x_a", "utk-x_a_2", "fg-a")
+    assert len(set(got)) == len(got)
