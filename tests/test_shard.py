@@ -308,3 +308,18 @@ def test_colliding_keys_get_suffixes_in_source_and_id_order():
     assert got[9] == "utk-a" and [got[3], got[6], got[5]] == ["utk-a_2", "utk-a_3", "utk-a_4"]  # a.jpeg < a.jpg < a.png
     assert (got[1], got[4], got[2]) == ("utk-x_a", "utk-x_a_2", "fg-a")
     assert len(set(got)) == len(got)
+
+
+@pytest.mark.parametrize("groups", [[b"c", b"a", b"b", b"e"], [b"s/1", b"a", b"s/1", b"b", b"a"], []])
+def test_group_index_is_what_np_unique_gives(groups):
+    """The split's group numbering (argsort ranks for unique keys, np.unique otherwise) and the
+    split permutation equal the plain versions they replace."""
+    import random
+    from data_pipeline.split import _group_index, _permutation
+    arr = np.array(groups, dtype="S4")
+    _, inverse, counts = np.unique(arr, return_inverse=True, return_counts=True)
+    group_of, sizes = _group_index(arr, block=2)
+    assert group_of.tolist() == inverse.tolist() and sizes.tolist() == counts.tolist()
+    order = list(range(len(groups)))
+    random.Random("0/train").shuffle(order)
+    assert _permutation(len(groups), random.Random("0/train")).tolist() == order
