@@ -102,12 +102,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from trainer.report import evaluate_runs
 
     out = out_dir(args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}")
-    report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on)
+    report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on,
+                           image_size=args.image_size, crop_pct=args.crop_pct)
     m = report["metrics"]
     cov = m.get("interval90_coverage")
     print(f"MAE {m['mae']:.2f}  CS@5 {m['cs@5']:.3f}  gender accuracy {m.get('gender_accuracy', float('nan')):.3f}"
           + (f"  90% interval coverage {cov:.3f}" if cov is not None else "") + f"  ({m['count']} images)")
-    print(f"test-time augmentation: {report['tta']}; interval: {report['interval_calibration']['from']}")
+    fr = report["framing"]
+    print(f"test-time augmentation: {report['tta']}; framing: {fr['image_size']} px, crop {fr['crop_pct']:g}; "
+          f"interval: {report['interval_calibration']['from']}")
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
     return 0
 
@@ -409,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-on", type=Path, metavar="SHARDS/SPLIT",
                    help="fit the 90%% interval on this split first (default: the run's calibration.json; "
                         "use it for ensembles)")
+    p.add_argument("--image-size", type=_positive_int, metavar="PX",
+                   help="evaluate at this size instead of the run's (ResNet backbones; FixRes-style test size)")
+    p.add_argument("--crop-pct", type=_positive_float, metavar="P",
+                   help="centre crop P of the image, 0 < P <= 1 (default: the run's data.loader.eval_crop_pct)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="serving bundle: safetensors, ONNX, preprocessing, labels, model card",

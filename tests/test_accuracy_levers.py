@@ -92,6 +92,24 @@ def test_training_calibrates_and_the_bundle_and_predict_use_it(ema_run, utk_shar
     assert "MAE by race within each age bin" in (tmp_path / "ev" / "report.md").read_text()
 
 
+def test_evaluate_at_another_framing_changes_the_pixels_and_drops_the_stored_calibration(ema_run, utk_shards,
+                                                                                        tmp_path):
+    from trainer.report import evaluate_runs
+    same = evaluate_runs([ema_run], utk_shards / "val", tmp_path / "same", image_size=32, crop_pct=1.0)
+    plain = evaluate_runs([ema_run], utk_shards / "val", tmp_path / "plain")
+    assert same["metrics"]["mae"] == plain["metrics"]["mae"] and same["framing"] == {"image_size": 32, "crop_pct": 1.0}
+    assert "calibration.json" in same["interval_calibration"]["from"]        # the run's own framing: its rule holds
+    big = evaluate_runs([ema_run], utk_shards / "val", tmp_path / "big", image_size=48, crop_pct=0.9)
+    assert big["framing"] == {"image_size": 48, "crop_pct": 0.9}
+    assert big["metrics"]["count"] == plain["metrics"]["count"] and big["metrics"]["mae"] != plain["metrics"]["mae"]
+    assert big["interval_calibration"]["from"].startswith("not calibrated")  # fitted at 32 px, not re-used at 48
+    refit = evaluate_runs([ema_run], utk_shards / "test", tmp_path / "refit", image_size=48,
+                          calibrate_on=utk_shards / "val")
+    assert refit["interval_calibration"]["n"] == 601
+    r = run_cli("evaluate", ema_run, "--data", utk_shards / "val", "--crop-pct", "1.5", "--out", tmp_path / "bad")
+    assert r.returncode != 0 and "crop pct" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_ema_weights_are_validated_saved_and_resumed(ema_run, utk_shards, tmp_path):
     best = load_file(str(ema_run / "best" / "model.safetensors"))
     step = json.loads((ema_run / "best" / "metrics.json").read_text())["step"]

@@ -166,17 +166,38 @@ def _plots(data: dict, model, mean, std, out: Path) -> list[str]:
     return made
 
 
+def _reframe(cfg, image_size: int | None, crop_pct: float | None) -> bool:
+    """Set the evaluation framing on `cfg` (in place); True if it differs from the run's."""
+    lc = cfg.data.loader
+    size = lc.image_size if image_size is None else image_size
+    pct = lc.eval_crop_pct if crop_pct is None else crop_pct
+    if size < 16 or not 0 < pct <= 1:
+        raise UserError(f"--image-size {size} / --crop-pct {pct}: need a size >= 16 and 0 < crop pct <= 1")
+    if size != lc.image_size and (cfg.model.architecture != "timm" or not cfg.model.backbone.startswith("resnet")):
+        raise UserError(f"--image-size {size}: the run's {cfg.model.architecture} model ({cfg.model.backbone}) is "
+                        f"built for {lc.image_size} px input; only ResNet backbones take another size")
+    changed = (size, pct) != (lc.image_size, lc.eval_crop_pct)
+    cfg.data.loader = lc.model_copy(update={"image_size": size, "eval_crop_pct": pct})
+    return changed
+
+
 def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = None,
-                  calibrate_on: Path | None = None) -> dict:
+                  calibrate_on: Path | None = None, image_size: int | None = None,
+                  crop_pct: float | None = None) -> dict:
     """Metrics, per-race-in-age-bin table and plots of one model or an ensemble on `data`.
 
     Test-time augmentation: `tta`, else the first run's `model.tta`. The 90 % interval: fitted on
     `calibrate_on` (a split of the same shards) when given, else one model's stored
     `calibration.json` when it was fitted with the same TTA, else the distribution's own
-    (uncalibrated) central interval."""
+    (uncalibrated) central interval.
+
+    `image_size` / `crop_pct` change the evaluation framing (FixRes: a model trained on random
+    resized crops often scores better at a larger test size); a stored calibration was fitted
+    at the run's own framing, so it applies only there (`calibrate_on` fits one at the new)."""
     loaded = [load_trained(p) for p in paths]
     cfg = loaded[0][0]
     tta = tta or cfg.model.tta
+    reframed = _reframe(cfg, image_size, crop_pct)
     split, shards = data.name, data.parent
     if not (shards / "manifest.json").exists():
         raise UserError(f"--data {data}: expected SHARDS/<split>, e.g. runs/shards/utk/test")
@@ -192,6 +213,9 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
         rule = calibration.fit(torch.from_numpy(cal["pred"]), torch.from_numpy(cal["age"]),
                                torch.from_numpy(cal["scale"]))
         rule_from = f"fitted on {calibrate_on} ({rule['n']} faces)"
+    elif len(loaded) == 1 and reframed:
+        rule_from = ("not calibrated: the run's calibration.json was fitted at its own framing; "
+                     "pass --calibrate-on SHARDS/val for this one")
     elif len(loaded) == 1:
         run = run_dir_of(paths[0])
         stored = calibration.applies(calibration.load(run), loaded[0][2], run, tta)
@@ -202,12 +226,15 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
     metrics = result["metrics"]
     metrics["mae_by_race_in_age_bin"] = race_by_age_bin(result)
     plots = _plots(result, loaded[0][1], cfg.data.loader.mean, cfg.data.loader.std, out / "plots")
+    lc = cfg.data.loader
     report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "tta": tta,
+              "framing": {"image_size": lc.image_size, "crop_pct": lc.eval_crop_pct},
               "interval_calibration": {"from": rule_from, **(rule or {})}, "metrics": metrics, "plots": plots}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# agescale evaluation: {data}", "", f"Models: {', '.join(report['models'])}", "",
-             f"Test-time augmentation: {tta}. 90 % interval: {rule_from}.", "",
+             f"Test-time augmentation: {tta}. Framing: {lc.image_size} px, centre crop {lc.eval_crop_pct:g} "
+             f"of the image. 90 % interval: {rule_from}.", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in metrics.items() if not isinstance(v, dict)]
