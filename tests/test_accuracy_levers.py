@@ -94,7 +94,7 @@ def test_training_calibrates_and_the_bundle_and_predict_use_it(ema_run, utk_shar
 
 def test_evaluate_at_another_framing_changes_the_pixels_and_drops_the_stored_calibration(ema_run, utk_shards,
                                                                                         tmp_path):
-    from trainer.report import evaluate_runs
+    from trainer.report import _reframe, evaluate_runs
     same = evaluate_runs([ema_run], utk_shards / "val", tmp_path / "same", image_size=32, crop_pct=1.0)
     plain = evaluate_runs([ema_run], utk_shards / "val", tmp_path / "plain")
     assert same["metrics"]["mae"] == plain["metrics"]["mae"] and same["framing"] == {"image_size": 32, "crop_pct": 1.0}
@@ -107,7 +107,14 @@ def test_evaluate_at_another_framing_changes_the_pixels_and_drops_the_stored_cal
                           calibrate_on=utk_shards / "val")
     assert refit["interval_calibration"]["n"] == 601
     r = run_cli("evaluate", ema_run, "--data", utk_shards / "val", "--crop-pct", "1.5", "--out", tmp_path / "bad")
-    assert r.returncode != 0 and "crop pct" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1 and "--crop-pct: eval_crop_pct" in err[0] and "1.5" in err[0]
+    assert not (tmp_path / "bad").exists()
+    from base.errors import UserError
+    swin = load_config(CONFIG, ["model.backbone=swin_tiny_patch4_window7_224", "data.loader.image_size=32"])
+    with pytest.raises(UserError, match="--image-size 48: .* built for 32 px input"):
+        _reframe(swin, 48, None)
+    assert _reframe(swin, None, 0.9) and swin.data.loader.eval_crop_pct == 0.9   # cropping works for any model
 
 
 def test_ema_weights_are_validated_saved_and_resumed(ema_run, utk_shards, tmp_path):
@@ -220,10 +227,13 @@ def test_progressive_resize_loader_sizes_and_resume_mid_schedule(utk_shards, bac
     assert create_loader(cfg, "val", train=False).image_size == 48      # evaluation: always the final size
 
 
-def test_progressive_resize_refused_for_swin():
+def test_progressive_resize_refused_for_fixed_size_models():
     from base.errors import UserError
-    with pytest.raises(UserError, match="progressive resizing needs a convolutional backbone"):
-        load_config(CONFIG, ["model.backbone=swin_tiny_patch4_window7_224", "data.loader.progressive.start_size=48"])
+    for model in (["model.backbone=swin_tiny_patch4_window7_224"],
+                  ["model.architecture=mivolo", "model.backbone=volo_d1_224"]):
+        with pytest.raises(UserError, match="progressive resizing needs a convolutional backbone"):
+            load_config(CONFIG, [*model, "data.loader.progressive.start_size=48"])
+    assert load_config(CONFIG, ["data.loader.progressive.start_size=48"]).data.loader.progressive.start_size == 48
 
 
 def test_method_args_reach_the_method_and_bad_ones_are_named():

@@ -77,6 +77,12 @@ class ModelConfig(Strict):
             raise ValueError(f"unknown age method; known: {', '.join(METHOD_NAMES)}")
         return v
 
+    @property
+    def fixed_input_size(self) -> bool:
+        """True for models built for one input size (Swin's windows, VOLO's and ViT's position
+        embeddings): progressive resizing and evaluation at another size need a CNN."""
+        return self.architecture != "timm" or self.backbone.startswith(("swin", "volo", "vit", "deit"))
+
     @model_validator(mode="after")
     def _consistent(self) -> "ModelConfig":
         if self.max_age <= self.min_age:

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from base.config import explain
 from base.errors import UserError
+from data_pipeline.config import LoaderConfig
 from data_pipeline.loaders import create_loader
 from data_pipeline.records import RACES
 from trainer import calibration
@@ -167,18 +170,20 @@ def _plots(data: dict, model, mean, std, out: Path) -> list[str]:
 
 
 def _reframe(cfg, image_size: int | None, crop_pct: float | None) -> bool:
-    """Set the evaluation framing on `cfg` (in place); True if it differs from the run's."""
+    """Set the evaluation framing on `cfg` (in place), validated by the loader's own schema;
+    True if it differs from the run's."""
     lc = cfg.data.loader
-    size = lc.image_size if image_size is None else image_size
-    pct = lc.eval_crop_pct if crop_pct is None else crop_pct
-    if size < 16 or not 0 < pct <= 1:
-        raise UserError(f"--image-size {size} / --crop-pct {pct}: need a size >= 16 and 0 < crop pct <= 1")
-    if size != lc.image_size and (cfg.model.architecture != "timm" or not cfg.model.backbone.startswith("resnet")):
-        raise UserError(f"--image-size {size}: the run's {cfg.model.architecture} model ({cfg.model.backbone}) is "
-                        f"built for {lc.image_size} px input; only ResNet backbones take another size")
-    changed = (size, pct) != (lc.image_size, lc.eval_crop_pct)
-    cfg.data.loader = lc.model_copy(update={"image_size": size, "eval_crop_pct": pct})
-    return changed
+    update = {k: v for k, v in (("image_size", image_size), ("eval_crop_pct", crop_pct)) if v is not None}
+    try:
+        new = LoaderConfig.model_validate({**lc.model_dump(), **update})
+    except ValidationError as e:
+        flags = {"image_size": "--image-size", "eval_crop_pct": "--crop-pct"}
+        raise UserError(explain(e, lambda key: flags.get(key, "evaluate"), LoaderConfig)) from None
+    if new.image_size != lc.image_size and cfg.model.fixed_input_size:
+        raise UserError(f"--image-size {new.image_size}: the run's {cfg.model.architecture} model "
+                        f"({cfg.model.backbone}) is built for {lc.image_size} px input")
+    cfg.data.loader = new
+    return (new.image_size, new.eval_crop_pct) != (lc.image_size, lc.eval_crop_pct)
 
 
 def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = None,
@@ -191,8 +196,8 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
     `calibration.json` when it was fitted with the same TTA, else the distribution's own
     (uncalibrated) central interval.
 
-    `image_size` / `crop_pct` change the evaluation framing (FixRes: a model trained on random
-    resized crops often scores better at a larger test size); a stored calibration was fitted
+    `image_size` / `crop_pct` change the evaluation framing (FixRes: training's random resized
+    crops frame faces tighter than a whole-image evaluation does); a stored calibration was fitted
     at the run's own framing, so it applies only there (`calibrate_on` fits one at the new)."""
     loaded = [load_trained(p) for p in paths]
     cfg = loaded[0][0]

@@ -21,9 +21,10 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _across_sections(self) -> "Config":
-        if self.data.loader.progressive.start_size is not None and self.model.backbone.startswith("swin"):
-            raise ValueError(f"data.loader.progressive.start_size with model.backbone={self.model.backbone}: Swin is "
-                             "built for one input size; progressive resizing needs a convolutional backbone")
+        if self.data.loader.progressive.start_size is not None and self.model.fixed_input_size:
+            raise ValueError(f"data.loader.progressive.start_size with model.architecture={self.model.architecture}, "
+                             f"model.backbone={self.model.backbone}: built for one input size; progressive resizing "
+                             "needs a convolutional backbone")
         return self
 
 
