@@ -365,3 +365,55 @@ def test_bf16_autocast_runs_convs_in_bf16_keeps_fp32_weights_and_resumes_exactly
     assert len(losses) == 6 and all(np.isfinite(losses))
     assert summary(cut)["steps"] == 12
     assert summary(cut)["param_checksums"] == summary(full)["param_checksums"]
+
+
+def test_fit_steps_takes_the_longest_schedule_that_fits_the_budget():
+    from trainer.budget import SAFETY, fit_steps
+
+    kw = dict(elapsed_s=10.0, step=10, step_s=1.0, val_s=5.0, end_s=5.0, steps_per_epoch=20, val_every_steps=None)
+    # 100 s budget -> 97 s planned: 10 + (n-10) + 5*validations + 5. n=65: 55 steps, epoch ends at 20,40,60
+    # + the last step = 4 validations -> 10+55+20+5 = 90; n=70 -> 10+60+20+5 = 95 (70 is not an epoch end:
+    # 20,40,60 + the last = 4); n=72 -> 97; n=73 -> 98 > 97.
+    assert SAFETY == 0.97
+    assert fit_steps(budget_s=100, max_total=1000, **kw) == 72
+    assert fit_steps(budget_s=100, max_total=50, **kw) == 50   # the config's length is never exceeded
+    assert fit_steps(budget_s=1, max_total=1000, **kw) == 11   # past its budget already: stop at the next step
+
+
+@pytest.mark.slow
+def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitted_schedule(utk_shards, tmp_path):
+    """train.time_budget_min: a run asked for far more epochs than fit in 40 s fits its length at the first
+    validation after 10 timed steps, ends inside the budget (process start to exit, as a user times it) with
+    the learning rate at the cosine's floor, and a resume from a checkpoint before the end (given another
+    budget) follows the saved length and ends on the uninterrupted run's weights."""
+    import time
+
+    opts = {"train.max_steps": "null", "train.epochs": 200, "train.time_budget_min": 0.67,
+            "train.val_every_steps": 15, "train.ckpt_every_steps": 15, "train.optimizer.warmup_steps": 20,
+            "train.test_at_end": "false", "train.calibrate": "false", "train.log_every_steps": 1}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    t0 = time.time()
+    run_cli("train", CONFIG, *small(utk_shards, full, **opts), check=True)
+    wall = time.time() - t0
+    rows = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    plan = [r for r in rows if r["phase"] == "budget"]
+    assert len(plan) == 1 and plan[0]["step"] == 15
+    total = plan[0]["total_steps"]
+    assert 15 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
+    assert json.loads((full / "run.json").read_text())["total_steps"] == total
+    assert summary(full)["steps"] == total
+    assert wall <= 0.67 * 60 + 3, wall  # + the test harness's own process start
+    last = [r for r in rows if r["phase"] == "train"][-1]
+    assert last["step"] == total and last["lr"] == pytest.approx(2e-3 * 0.01, rel=1e-6)  # demo lr x min_lr_ratio
+    # Resume from the first checkpoint after the decision, with another budget on the command line.
+    tags = sorted(p.name for p in (full / "checkpoints").glob("step*"))
+    shutil.copytree(full, cut)
+    keep = tags[0]
+    for t in tags[1:]:
+        shutil.rmtree(cut / "checkpoints" / t)
+    (cut / "summary.json").unlink()
+    (cut / "checkpoints" / "LATEST").write_text(keep + "\n")
+    assert 15 <= int(keep[4:]) < total
+    run_cli("train", CONFIG, *small(utk_shards, cut, **{**opts, "train.time_budget_min": 5}), "--resume", check=True)
+    assert summary(cut)["steps"] == total
+    assert summary(cut)["param_checksums"] == summary(full)["param_checksums"]

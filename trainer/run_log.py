@@ -139,6 +139,17 @@ class RunLog:
             self._bar.write(f"step {step} {phase}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in values.items() if isinstance(v, float)))
 
+    def replan(self, step: int, total: int, details: dict) -> None:
+        """A time budget fixed the run's length: metrics.jsonl (phase "budget"), run.json's
+        total_steps and the progress bar say so."""
+        self.scalars("budget", step, {"total_steps": total, **details})
+        if self.main:
+            info = json.loads((self.dir / "run.json").read_text())
+            info["total_steps"] = total
+            _atomic_json(self.dir / "run.json", info)
+            self._bar.total = total
+            self._bar.refresh()
+
     def progress(self, step: int) -> None:
         if self._bar is not None:
             self._bar.update(step - self._bar.n)

@@ -24,7 +24,7 @@ from base.errors import UserError
 from cluster.env import detect
 from data_pipeline.loaders import create_loader
 from data_pipeline.shard import MANIFEST, load_manifest
-from trainer import calibration, checkpoint
+from trainer import budget, calibration, checkpoint
 from trainer.distributed import all_true, init
 from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
@@ -125,7 +125,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     if steps_per_epoch == 0:
         raise UserError(f"the train split gives {len(train_loader)} batches per rank, fewer than "
                         f"train.grad_accum={tc.grad_accum}: lower data.loader.batch_size")
-    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
+    plan = budget.StepPlan(tc.max_steps or tc.epochs * steps_per_epoch)
 
     tag, notes = checkpoint.resumable(ckpt_root) if resume else (None, [])
     if rank == 0:
@@ -151,7 +151,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
                             "resume with the run's own model settings or train into a new train.run_dir")
     optimizer = make_optimizer(model, tc.optimizer)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=make_schedule(optimizer, tc.optimizer, total_steps),
+        model=model, optimizer=optimizer, lr_scheduler=make_schedule(optimizer, tc.optimizer, lambda: plan.total),
         config=ds_config)
     method = model.method
     if world == 1 and engine.zero_optimization_stage() == 0:
@@ -178,6 +178,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         # again after a resume; one taken after it does not.
         val_rounds, validated_at = state.get("val_rounds", 0), state.get("validated_at", -1)
         train_loader.load_state_dict(state["loader"])
+        if state.get("budget_fitted"):  # the length a time budget chose: the schedule goes on as it was
+            plan.total, plan.fitted = state["total_steps"], True
         if ema is not None:
             if "ema" not in state:
                 raise UserError(f"{ckpt_root / tag}: saved without train.ema_decay, so it has no EMA weights "
@@ -185,7 +187,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             ema.module.load_state_dict(state["ema"])
         # The config's learning rate wins over the checkpoint's (PBT changes it between resumes).
         scheduler.base_lrs = [tc.optimizer.lr for _ in scheduler.base_lrs]
-    log = RunLog(run_dir, cfg, rank, world, total_steps, step, resumed_from, steps_per_epoch, validated_at)
+    log = RunLog(run_dir, cfg, rank, world, plan.total, step, resumed_from, steps_per_epoch, validated_at)
     if tag and rank == 0:
         checkpoint.adopt(ckpt_root, tag, log.run_id)  # the checkpoint this run continues from is its own
     stop = _Stop()
@@ -193,7 +195,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     def client_state() -> dict:
         return {"step": step, "best_mae": best_mae, "loader": train_loader.state_dict(), "world_size": world,
                 "val_rounds": val_rounds, "validated_at": validated_at,
-                "skipped_samples": skipped_before + train_loader.skipped} | (
+                "skipped_samples": skipped_before + train_loader.skipped,
+                "total_steps": plan.total, "budget_fitted": plan.fitted} | (
                     {"ema": ema.module.state_dict()} if ema is not None else {})
 
     saved_at = step if tag else -1
@@ -205,12 +208,35 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             saved_at = step
         return checkpoint.tag_of(step)
 
+    def fit_budget(val_start: float, val_s: float) -> None:
+        """train.time_budget_min: fix the run's length from its own step and validation times."""
+        step_s = plan.step_seconds(step, now=val_start)
+        if step_s is None:  # validated before enough steps were timed: decide at the next validation
+            return
+        passes = 2 if ema is not None and tc.ema_val_raw else 1
+        end_s = budget.end_seconds(val_s, cfg.model.tta, tc.calibrate, tc.test_at_end, passes)
+        elapsed = budget.process_elapsed()
+        total = budget.agree(budget.fit_steps(
+            budget_s=60 * tc.time_budget_min, elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s,
+            end_s=end_s, steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps, max_total=plan.total))
+        planned = plan.total
+        plan.total, plan.fitted = total, True
+        log.replan(step, total, {"time_budget_min": tc.time_budget_min, "planned_steps": planned,
+                                 "epochs": budget.epochs_of(total, steps_per_epoch), "step_s": step_s,
+                                 "val_s": val_s, "end_s": end_s, "elapsed_s": elapsed})
+        if step >= tc.optimizer.warmup_steps and total < planned:
+            logging.getLogger("agescale").warning(
+                "train.time_budget_min: the length was fixed at step %d, after the warm-up (%d steps), so the "
+                "cosine changes course there; a warm-up longer than one epoch avoids that", step,
+                tc.optimizer.warmup_steps)
+
     def validate() -> None:
         nonlocal best_mae, validated_at, val_rounds
         if validated_at == step:
             return
         validated_at = step
         val_rounds += 1
+        t_val = time.perf_counter()
         metrics = evaluate(eval_model, val_loader, device, channels_last=tc.channels_last)
         log.scalars("val", step, metrics)
         if ema is not None and tc.ema_val_raw:  # the raw weights too: an EMA A/B inside one run
@@ -219,22 +245,26 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if metrics.get("mae", float("inf")) < best_mae:
             best_mae = metrics["mae"]
             log.save_best(eval_model, metrics, step)
+        if tc.time_budget_min and not plan.fitted:
+            fit_budget(t_val, time.perf_counter() - t_val)
+        plan.pause(time.perf_counter() - t_val)
         if reporter is not None:
             tag_dir = ckpt_root / save()
             reporter({"val_round": val_rounds, "step": step, "epoch": round(step / steps_per_epoch, 3),
-                      "last_round": step >= total_steps,
+                      "last_round": step >= plan.total,
                       "best_val_mae": best_mae, **{f"val_{k}": v for k, v in metrics.items()}},
                      tag_dir if rank == 0 else None)
 
     engine.train()
     stopped, nonfinite = False, 0
     t0, seen = time.perf_counter(), 0
-    while step < total_steps and not stopped:
+    start_step = step
+    while step < plan.total and not stopped:
         epoch, skipped_at_start = train_loader.epoch, train_loader.skipped
         micro = 0
         for batch in train_loader:
             torch.manual_seed(_step_seed(tc.seed, step, rank))
-            method.set_progress(step / total_steps)
+            method.set_progress(step / plan.total)
             images = [batch[k] for k in ("image", "body") if k in batch]
             labels = {k: batch[k].to(device) for k in ("age", "gender", "race", "valid")}
             mix = mixup_pairs(len(images[0]), tc.mixup.alpha, tc.mixup.prob)
@@ -263,9 +293,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             if micro % tc.grad_accum:
                 continue
             step += 1
+            if step == start_step + 10:  # the loader's and allocator's warm-up is behind us
+                plan.mark(step)
             if ema is not None:
                 ema.update(engine.module, step=step)
-            if step % tc.log_every_steps == 0 or step == total_steps:
+            if step % tc.log_every_steps == 0 or step == plan.total:
                 rate = seen / (time.perf_counter() - t0)
                 log.scalars("train", step, {k: v.item() for k, v in parts.items()} |
                             {"lr": scheduler.get_last_lr()[0], "images_per_s": rate, "epoch": epoch})
@@ -276,9 +308,9 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             if all_true(stop.requested):
                 log.preempted(step, save(), stop.signal)
                 raise SystemExit(EXIT_PREEMPTED)
-            if step % tc.ckpt_every_steps == 0 and step < total_steps:
+            if step % tc.ckpt_every_steps == 0 and step < plan.total:
                 save()
-            if step >= total_steps:
+            if step >= plan.total:
                 stopped = True
                 break
         if train_loader.epoch != epoch or stopped:  # a full epoch, or the last step

@@ -1,0 +1,106 @@
+"""A wall-time budget for a run (`train.time_budget_min`): the step count is fitted once, from
+the run's own measured step and validation times, so that training, every validation, the
+calibration and the test end inside the budget on whatever machine runs it.
+
+Why: a recipe written as "N epochs" takes 45 minutes on one 2-core CPU and 75 on another
+(native bf16 or not, AMX or not). A budget keeps the promise ("an hour of wall time") and
+lets the machine's speed decide how far the schedule gets; the cosine is fitted to the steps
+chosen, so the model is annealed at the end either way (FFCV's fixed-budget recipes do the same
+by hand). The choice is made at the first validation, inside the warm-up (whose learning rates
+do not depend on the step count), and saved in every checkpoint, so a resumed run follows the
+same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
+_IMPORTED = time.time()
+
+
+class StepPlan:
+    """The run's total step count, read by the schedule, the loop and the progress bar."""
+
+    def __init__(self, total: int, fitted: bool = False):
+        self.total, self.fitted = total, fitted
+        self._t0: float | None = None
+        self._step0, self._paused = 0, 0.0
+
+    def mark(self, step: int) -> None:
+        """Start timing steps here (after the loader's warm-up)."""
+        if self._t0 is None:
+            self._t0, self._step0 = time.perf_counter(), step
+
+    def pause(self, seconds: float) -> None:
+        """Time spent validating: counted per validation, not per step."""
+        if self._t0 is not None:
+            self._paused += seconds
+
+    def step_seconds(self, step: int, now: float) -> float | None:
+        if self._t0 is None or step <= self._step0:
+            return None
+        return (now - self._t0 - self._paused) / (step - self._step0)
+
+
+def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, val_s: float, end_s: float,
+              steps_per_epoch: int, val_every_steps: int | None, max_total: int) -> int:
+    """The largest total step count N (step < N <= max_total) whose estimated end time,
+    elapsed + (N - step)·step_s + (validations after `step`)·val_s + end_s, stays within
+    SAFETY·budget_s. At least step + 1, so a run past its budget still ends at once."""
+
+    def validations(n: int) -> int:
+        ends = n // steps_per_epoch - step // steps_per_epoch + (n % steps_per_epoch != 0)
+        if val_every_steps:
+            ends += n // val_every_steps - step // val_every_steps
+        return ends
+
+    def cost(n: int) -> float:
+        return elapsed_s + (n - step) * step_s + validations(n) * val_s + end_s
+
+    lo, hi = step + 1, max(step + 1, max_total)
+    if cost(hi) <= SAFETY * budget_s:
+        return hi
+    while lo < hi:  # cost grows with n: the last n that fits
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= SAFETY * budget_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def agree(value: int) -> int:
+    """Rank 0's value on every rank (each rank times itself; they must stop at the same step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def end_seconds(val_s: float, tta: str, calibrate: bool, test: bool, val_passes: int) -> float:
+    """What follows the last step: calibration (a validation pass) and the test (about the
+    validation's size under the protocol's splits), each doubled by flip TTA; plus saving."""
+    one = val_s / max(1, val_passes) * (2 if tta == "hflip" else 1)
+    return one * (int(calibrate) + int(test)) + 15.0
+
+
+def process_elapsed() -> float:
+    """Seconds since this process started (imports included: that is the wall time a user sees)."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except (ImportError, OSError):
+        return time.time() - _IMPORTED
+
+
+def epochs_of(total: int, steps_per_epoch: int) -> float:
+    return math.floor(100 * total / steps_per_epoch) / 100
