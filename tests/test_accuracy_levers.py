@@ -378,6 +378,10 @@ def test_fit_steps_takes_the_longest_schedule_that_fits_the_budget():
     assert fit_steps(budget_s=100, max_total=1000, **kw) == 72
     assert fit_steps(budget_s=100, max_total=50, **kw) == 50   # the config's length is never exceeded
     assert fit_steps(budget_s=1, max_total=1000, **kw) == 11   # past its budget already: stop at the next step
+    # A step that is both an epoch end and a val_every_steps multiple validates once: validations at
+    # 10, 20, 30, 40 cost 40 s, plus 40 steps = 80 s <= 0.97 * 83; 41 steps add a step and a last validation.
+    assert fit_steps(budget_s=83, elapsed_s=0.0, step=0, step_s=1.0, val_s=10.0, end_s=0.0, steps_per_epoch=20,
+                     val_every_steps=10, max_total=1000) == 40
 
 
 @pytest.mark.slow
@@ -389,7 +393,7 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     import time
 
     opts = {"train.max_steps": "null", "train.epochs": 200, "train.time_budget_min": 0.67,
-            "train.val_every_steps": 15, "train.ckpt_every_steps": 15, "train.optimizer.warmup_steps": 20,
+            "train.val_every_steps": 25, "train.ckpt_every_steps": 25, "train.optimizer.warmup_steps": 30,
             "train.test_at_end": "false", "train.calibrate": "false", "train.log_every_steps": 1}
     full, cut = tmp_path / "full", tmp_path / "cut"
     t0 = time.time()
@@ -397,9 +401,9 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     wall = time.time() - t0
     rows = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     plan = [r for r in rows if r["phase"] == "budget"]
-    assert len(plan) == 1 and plan[0]["step"] == 15
+    assert len(plan) == 1 and plan[0]["step"] == 25  # the first validation with 10+ timed steps (from step 10)
     total = plan[0]["total_steps"]
-    assert 15 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
+    assert 25 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
     assert json.loads((full / "run.json").read_text())["total_steps"] == total
     assert summary(full)["steps"] == total
     assert wall <= 0.67 * 60 + 3, wall  # + the test harness's own process start
@@ -413,7 +417,7 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
         shutil.rmtree(cut / "checkpoints" / t)
     (cut / "summary.json").unlink()
     (cut / "checkpoints" / "LATEST").write_text(keep + "\n")
-    assert 15 <= int(keep[4:]) < total
+    assert 25 <= int(keep[4:]) < total
     run_cli("train", CONFIG, *small(utk_shards, cut, **{**opts, "train.time_budget_min": 5}), "--resume", check=True)
     assert summary(cut)["steps"] == total
     assert summary(cut)["param_checksums"] == summary(full)["param_checksums"]

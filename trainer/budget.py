@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
+MIN_TIMED = 10  # steps timed before the length is fitted (a validation before that waits for the next)
 _IMPORTED = time.time()
 
 
@@ -42,7 +43,7 @@ class StepPlan:
             self._paused += seconds
 
     def step_seconds(self, step: int, now: float) -> float | None:
-        if self._t0 is None or step <= self._step0:
+        if self._t0 is None or step - self._step0 < MIN_TIMED:
             return None
         return (now - self._t0 - self._paused) / (step - self._step0)
 
@@ -53,11 +54,19 @@ def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, va
     elapsed + (N - step)·step_s + (validations after `step`)·val_s + end_s, stays within
     SAFETY·budget_s. At least step + 1, so a run past its budget still ends at once."""
 
+    def multiples(k: int, n: int) -> int:  # multiples of k in (step, n]
+        return n // k - step // k
+
     def validations(n: int) -> int:
-        ends = n // steps_per_epoch - step // steps_per_epoch + (n % steps_per_epoch != 0)
+        """Distinct validation steps in (step, n]: epoch ends, every val_every_steps, and the last step
+        (a step that is several of these validates once)."""
+        count = multiples(steps_per_epoch, n)
+        on_grid = n % steps_per_epoch == 0
         if val_every_steps:
-            ends += n // val_every_steps - step // val_every_steps
-        return ends
+            both = math.lcm(steps_per_epoch, val_every_steps)
+            count += multiples(val_every_steps, n) - multiples(both, n)
+            on_grid = on_grid or n % val_every_steps == 0
+        return count + (not on_grid)
 
     def cost(n: int) -> float:
         return elapsed_s + (n - step) * step_s + validations(n) * val_s + end_s

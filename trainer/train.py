@@ -96,6 +96,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     import deepspeed
 
     tc = cfg.train
+    t_start = time.perf_counter()
     env = detect()
     if tc.device == "gpu" and not torch.cuda.is_available():
         raise UserError("train.device=gpu but no CUDA device is visible; use train.device=cpu")
@@ -179,7 +180,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         val_rounds, validated_at = state.get("val_rounds", 0), state.get("validated_at", -1)
         train_loader.load_state_dict(state["loader"])
         if state.get("budget_fitted"):  # the length a time budget chose: the schedule goes on as it was
-            plan.total, plan.fitted = state["total_steps"], True
+            if tc.time_budget_min is None or state["total_steps"] < plan.total:
+                logging.getLogger("agescale").warning(
+                    "resume: keeping the %d steps that train.time_budget_min fitted at the run's start (the budget "
+                    "given now, %s, is not re-applied)", state["total_steps"], tc.time_budget_min)
+            plan.total, plan.fitted = min(state["total_steps"], plan.total), True
         if ema is not None:
             if "ema" not in state:
                 raise UserError(f"{ckpt_root / tag}: saved without train.ema_decay, so it has no EMA weights "
@@ -210,12 +215,14 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
 
     def fit_budget(val_start: float, val_s: float) -> None:
         """train.time_budget_min: fix the run's length from its own step and validation times."""
+        nonlocal saved_at
         step_s = plan.step_seconds(step, now=val_start)
-        if step_s is None:  # validated before enough steps were timed: decide at the next validation
+        if step_s is None or step >= plan.total:  # too few steps timed yet (decide at the next one), or done
             return
         passes = 2 if ema is not None and tc.ema_val_raw else 1
         end_s = budget.end_seconds(val_s, cfg.model.tta, tc.calibrate, tc.test_at_end, passes)
-        elapsed = budget.process_elapsed()
+        # a Ray Tune trial runs in a worker process that may be older than the trial
+        elapsed = time.perf_counter() - t_start if reporter is not None else budget.process_elapsed()
         total = budget.agree(budget.fit_steps(
             budget_s=60 * tc.time_budget_min, elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s,
             end_s=end_s, steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps, max_total=plan.total))
@@ -224,6 +231,13 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         log.replan(step, total, {"time_budget_min": tc.time_budget_min, "planned_steps": planned,
                                  "epochs": budget.epochs_of(total, steps_per_epoch), "step_s": step_s,
                                  "val_s": val_s, "end_s": end_s, "elapsed_s": elapsed})
+        if total == step + 1 and total < planned:
+            logging.getLogger("agescale").warning(
+                "train.time_budget_min=%s: %.0f s were spent by step %d, so the budget allows no more training; "
+                "the run stops at the next step", tc.time_budget_min, elapsed, step)
+        if saved_at == step:  # this step's checkpoint was written before the length was fixed: write it again
+            saved_at = -1
+            save()
         if step >= tc.optimizer.warmup_steps and total < planned:
             logging.getLogger("agescale").warning(
                 "train.time_budget_min: the length was fixed at step %d, after the warm-up (%d steps), so the "
