@@ -16,9 +16,6 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-import torch.distributed as dist
-
 SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
 MIN_TIMED = 10  # steps timed before the length is fitted (a validation before that waits for the next)
 _IMPORTED = time.time()
@@ -83,17 +80,6 @@ def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, va
     return lo
 
 
-def agree(value: int) -> int:
-    """Rank 0's value on every rank (each rank times itself; they must stop at the same step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.broadcast(t, src=0)
-    return int(t.item())
-
-
 def end_seconds(val_s: float, tta: str, calibrate: bool, test: bool, val_passes: int) -> float:
     """What follows the last step: calibration (a validation pass) and the test (about the
     validation's size under the protocol's splits), each doubled by flip TTA; plus saving."""
@@ -110,6 +96,3 @@ def process_elapsed() -> float:
     except (ImportError, OSError):
         return time.time() - _IMPORTED
 
-
-def epochs_of(total: int, steps_per_epoch: int) -> float:
-    return math.floor(100 * total / steps_per_epoch) / 100

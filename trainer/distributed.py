@@ -58,3 +58,14 @@ def all_true(flag: bool) -> bool:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def rank0_value(value: int) -> int:
+    """Rank 0's integer on every rank (e.g. a step count each rank estimated from its own timings)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return int(t.item())

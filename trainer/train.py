@@ -25,7 +25,7 @@ from cluster.env import detect
 from data_pipeline.loaders import create_loader
 from data_pipeline.shard import MANIFEST, load_manifest
 from trainer import budget, calibration, checkpoint
-from trainer.distributed import all_true, init
+from trainer.distributed import all_true, init, rank0_value
 from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
@@ -223,13 +223,13 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         end_s = budget.end_seconds(val_s, cfg.model.tta, tc.calibrate, tc.test_at_end, passes)
         # a Ray Tune trial runs in a worker process that may be older than the trial
         elapsed = time.perf_counter() - t_start if reporter is not None else budget.process_elapsed()
-        total = budget.agree(budget.fit_steps(
+        total = rank0_value(budget.fit_steps(
             budget_s=60 * tc.time_budget_min, elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s,
             end_s=end_s, steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps, max_total=plan.total))
         planned = plan.total
         plan.total, plan.fitted = total, True
         log.replan(step, total, {"time_budget_min": tc.time_budget_min, "planned_steps": planned,
-                                 "epochs": budget.epochs_of(total, steps_per_epoch), "step_s": step_s,
+                                 "epochs": round(total / steps_per_epoch, 2), "step_s": step_s,
                                  "val_s": val_s, "end_s": end_s, "elapsed_s": elapsed})
         if total == step + 1 and total < planned:
             logging.getLogger("agescale").warning(
