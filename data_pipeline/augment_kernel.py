@@ -24,7 +24,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit
+from numba import types as nbt
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from data_pipeline.augment import blur_kernel, yiq_hue_matrix
 from data_pipeline.config import LoaderConfig
@@ -39,14 +42,21 @@ HUE_B = (yiq_hue_matrix(0) - yiq_hue_matrix(180)) / 2
 HUE_C = yiq_hue_matrix(-90) - HUE_A
 
 
+def kernel_constants(mean, std, window: int) -> list[float]:
+    """The kernel's per-pipeline constants as DALI hands them over (float32): the normalisation's
+    3 means and 3 inverse scales in grey levels, then the blur window."""
+    norm = [255.0 * m for m in mean] + [1.0 / (255.0 * s) for s in std]
+    return [float(v) for v in np.asarray([*norm, window], np.float32)]
+
+
 def make_kernel(mean, std, window: int):
-    """`run(out, img, p)` for one normalisation and blur window, in the form DALI's
-    `numba_function` takes (a Python function it compiles).
+    """`run(out, img, p)`: the kernel as the DALI operator runs it, callable outside DALI (tests).
     out: (3, H, W) float32; img: (H, W, 3) uint8; p: the sample's augmentation parameters."""
-    norm = tuple(255.0 * m for m in mean) + tuple(1.0 / (255.0 * s) for s in std)
+    c = kernel_constants(mean, std, window)
+    norm, win = tuple(c[:6]), int(c[6])
 
     def run(out, img, p):
-        augment(out, img, p, norm, window)
+        augment(out, img, p, norm, win)
 
     return run
 
@@ -174,19 +184,77 @@ def colour(flat, n, con, sat, offset, hue, norm):
         flat[k + 2 * n] = (clamp(h20 * r + h21 * g + h22 * b) - n2) * k2
 
 
-def _shape(outs, ins):
-    """numba_function setup: output (3, H, W) for an (H, W, 3) input."""
-    for i in range(len(outs[0])):
-        outs[0][i][0] = 3
-        outs[0][i][1] = ins[0][i][0]
-        outs[0][i][2] = ins[0][i][1]
+# DALI's `numba_function` compiles a fresh cfunc wrapper around the Python run function in every
+# process that builds a pipeline (~4 s on the 2-core machine, before the first batch; numba cannot
+# cache it: the wrapper closes over per-call lambdas). These two cfuncs speak the same C ABI as
+# DALI's wrappers (CPU, one sample per call) for this operator's fixed types, and are cached on
+# disk like the kernel, so a new process loads them in milliseconds. Layout, from DALI's
+# plugin/numba: out_ptr / in_ptr point to one data address per output / input; *_shapes_ptr to
+# one shape address per (output or input, sample); *_ndims_ptr to one int32 per output / input.
+_RUN_SIG = nbt.void(nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.uint64, nbt.int32)
+_SETUP_SIG = nbt.void(nbt.uint64, nbt.uint64, nbt.int32, nbt.uint64, nbt.uint64, nbt.int32, nbt.int32)
+
+
+@intrinsic
+def _as_pointer(typingctx, src):
+    """An integer address as a void pointer (what `carray` takes)."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return nbt.voidptr(src), codegen
+
+
+@njit(inline="always")
+def _int64s(address, n):
+    return carray(_as_pointer(address), n, dtype=np.int64)
+
+
+@cfunc(_RUN_SIG, nopython=True, cache=True)
+def _run_cfunc(out_ptr, out_shapes_ptr, out_ndims_ptr, num_outs, in_ptr, in_shapes_ptr, in_ndims_ptr, num_ins):
+    """out0: (3, H, W) float32; in0: (H, W, 3) uint8 image; in1: float32 parameters; in2: float32
+    constants (the normalisation's 3 means and 3 inverse scales, then the blur window)."""
+    outs, ins = _int64s(out_ptr, 1), _int64s(in_ptr, 3)
+    out_shape = _int64s(_int64s(out_shapes_ptr, 1)[0], 3)
+    in_shapes = _int64s(in_shapes_ptr, 3)
+    img_shape = _int64s(in_shapes[0], 3)
+    out = carray(_as_pointer(outs[0]), (out_shape[0], out_shape[1], out_shape[2]), dtype=np.float32)
+    img = carray(_as_pointer(ins[0]), (img_shape[0], img_shape[1], img_shape[2]), dtype=np.uint8)
+    p = carray(_as_pointer(ins[1]), _int64s(in_shapes[1], 1)[0], dtype=np.float32)
+    c = carray(_as_pointer(ins[2]), 7, dtype=np.float32)
+    augment(out, img, p, (np.float64(c[0]), np.float64(c[1]), np.float64(c[2]), np.float64(c[3]),
+                          np.float64(c[4]), np.float64(c[5])), int(c[6]))
+
+
+@cfunc(_SETUP_SIG, nopython=True, cache=True)
+def _setup_cfunc(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndims_ptr, num_ins, num_samples):
+    """Output shape (3, H, W) for each (H, W, 3) input image."""
+    out_shapes, in_shapes = _int64s(out_shapes_ptr, num_samples), _int64s(in_shapes_ptr, num_samples)
+    for i in range(num_samples):
+        o, s = _int64s(out_shapes[i], 3), _int64s(in_shapes[i], 3)
+        o[0], o[1], o[2] = 3, s[0], s[1]
+
+
+def _precompiled_op():
+    """DALI's NumbaFunction operator, given the addresses of the cached cfuncs above instead of
+    Python functions to compile."""
+    from nvidia.dali import types
+    from nvidia.dali.plugin.numba import NumbaFunction
+
+    class PrecompiledNumbaFunction(NumbaFunction):
+        def _get_run_fn_cpu(self, run_fn, *args):
+            return run_fn
+
+        def _get_setup_fn_cpu(self, setup_fn):
+            return setup_fn
+
+    return PrecompiledNumbaFunction(run_fn=_run_cfunc.address, setup_fn=_setup_cfunc.address,
+                                    out_types=[types.FLOAT], in_types=[types.UINT8, types.FLOAT, types.FLOAT],
+                                    outs_ndim=[3], ins_ndim=[3, 1, 1], device="cpu")
 
 
 def fused_augment(img, params, cfg: LoaderConfig):
     """DALI node: resized uint8 HWC images + parameters → augmented, normalised CHW float."""
-    from nvidia.dali import types
-    from nvidia.dali.plugin.numba.fn.experimental import numba_function
+    from nvidia.dali import fn, types
 
-    run = make_kernel(cfg.mean, cfg.std, blur_kernel(cfg.augment.scaled().blur_sigma[1]))
-    return numba_function(img, params, run_fn=run, setup_fn=_shape, out_types=[types.FLOAT],
-                          in_types=[types.UINT8, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 1])
+    window = blur_kernel(cfg.augment.scaled().blur_sigma[1])
+    consts = fn.constant(fdata=kernel_constants(cfg.mean, cfg.std, window), shape=[7], dtype=types.FLOAT)
+    return _precompiled_op()(img, params, consts)

@@ -123,3 +123,46 @@ def test_fused_is_cpu_only():
     with pytest.raises(ValueError, match="augment_ops=fused runs on the CPU only"):
         LoaderConfig(device="gpu", augment_ops="fused")
     assert LoaderConfig(device="gpu").augment_ops == "auto"
+
+
+def test_the_dali_operator_runs_the_same_kernel_through_its_cached_c_wrapper(kernel, face):
+    """fused_augment hands DALI the address of our own cfunc (DALI's C ABI) instead of a Python
+    function for DALI to wrap: inside a real DALI pipeline it must give the kernel's exact output,
+    per sample, for images of two sizes (each sample's own shape and parameters reach it)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from data_pipeline.augment_kernel import fused_augment
+
+    imgs = [np.ascontiguousarray(np.asarray(face)), np.ascontiguousarray(np.asarray(face.resize((48, 40))))]
+    ps = [params(**CASES["everything"]), params(flip=1, brightness=1.3, saturation=0.6)]
+
+    @pipeline_def(batch_size=2, num_threads=2, device_id=None)
+    def pipe():
+        img = fn.external_source(source=lambda: imgs, batch=True, dtype=types.UINT8, layout="HWC")
+        p = fn.external_source(source=lambda: [q.astype(np.float32) for q in ps], batch=True, dtype=types.FLOAT)
+        return fused_augment(img, p, CFG)
+
+    pl = pipe()
+    pl.build()
+    (out,) = pl.run()
+    for i, (img, p) in enumerate(zip(imgs, ps)):
+        want = np.empty((3, *img.shape[:2]), np.float32)
+        kernel(want, img, p.astype(np.float32))
+        got = np.asarray(out[i])
+        assert got.shape == want.shape and np.abs(want).max() > 0.5
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_new_process_loads_the_dali_wrapper_from_disk_instead_of_compiling_it():
+    """DALI's own numba_function compiles its wrapper in every process (~4 s before the first
+    batch); ours is compiled once per machine: a second process finds both cfuncs cached."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    code = ("from data_pipeline import augment_kernel as k; "
+            "print(k._run_cfunc.cache_hits, k._setup_cfunc.cache_hits)")
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "1"]
