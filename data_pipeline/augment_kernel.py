@@ -235,7 +235,8 @@ def _setup_cfunc(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndim
 
 def _precompiled_op():
     """DALI's NumbaFunction operator, given the addresses of the cached cfuncs above instead of
-    Python functions to compile."""
+    Python functions to compile. It overrides two private methods of DALI's (pinned in
+    pyproject.toml); tests/test_augment_kernel.py fails if a DALI upgrade changes them or the ABI."""
     from nvidia.dali import types
     from nvidia.dali.plugin.numba import NumbaFunction
 
