@@ -21,6 +21,7 @@ Values stay float between the steps (torchvision rounds to uint8 after each one)
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -47,18 +48,6 @@ def kernel_constants(mean, std, window: int) -> list[float]:
     3 means and 3 inverse scales in grey levels, then the blur window."""
     norm = [255.0 * m for m in mean] + [1.0 / (255.0 * s) for s in std]
     return [float(v) for v in np.asarray([*norm, window], np.float32)]
-
-
-def make_kernel(mean, std, window: int):
-    """`run(out, img, p)`: the kernel as the DALI operator runs it, callable outside DALI (tests).
-    out: (3, H, W) float32; img: (H, W, 3) uint8; p: the sample's augmentation parameters."""
-    c = kernel_constants(mean, std, window)
-    norm, win = tuple(c[:6]), int(c[6])
-
-    def run(out, img, p):
-        augment(out, img, p, norm, win)
-
-    return run
 
 
 @njit(inline="always")
@@ -233,11 +222,11 @@ def _setup_cfunc(out_shapes_ptr, out_ndims_ptr, num_outs, in_shapes_ptr, in_ndim
         o[0], o[1], o[2] = 3, s[0], s[1]
 
 
-def _precompiled_op():
+@functools.cache
+def _precompiled_op_class():
     """DALI's NumbaFunction operator, given the addresses of the cached cfuncs above instead of
     Python functions to compile. It overrides two private methods of DALI's (pinned in
     pyproject.toml); tests/test_augment_kernel.py fails if a DALI upgrade changes them or the ABI."""
-    from nvidia.dali import types
     from nvidia.dali.plugin.numba import NumbaFunction
 
     class PrecompiledNumbaFunction(NumbaFunction):
@@ -247,9 +236,7 @@ def _precompiled_op():
         def _get_setup_fn_cpu(self, setup_fn):
             return setup_fn
 
-    return PrecompiledNumbaFunction(run_fn=_run_cfunc.address, setup_fn=_setup_cfunc.address,
-                                    out_types=[types.FLOAT], in_types=[types.UINT8, types.FLOAT, types.FLOAT],
-                                    outs_ndim=[3], ins_ndim=[3, 1, 1], device="cpu")
+    return PrecompiledNumbaFunction
 
 
 def fused_augment(img, params, cfg: LoaderConfig):
@@ -258,4 +245,7 @@ def fused_augment(img, params, cfg: LoaderConfig):
 
     window = blur_kernel(cfg.augment.scaled().blur_sigma[1])
     consts = fn.constant(fdata=kernel_constants(cfg.mean, cfg.std, window), shape=[7], dtype=types.FLOAT)
-    return _precompiled_op()(img, params, consts)
+    op = _precompiled_op_class()(run_fn=_run_cfunc.address, setup_fn=_setup_cfunc.address, out_types=[types.FLOAT],
+                                 in_types=[types.UINT8, types.FLOAT, types.FLOAT], outs_ndim=[3], ins_ndim=[3, 1, 1],
+                                 device="cpu")
+    return op(img, params, consts)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from numba import njit
 from PIL import Image
 
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from data_pipeline.augment import IDENTITY, blur_kernel, yiq_hue_matrix
-from data_pipeline.augment_kernel import make_kernel
+from data_pipeline.augment_kernel import augment, kernel_constants
 from data_pipeline.config import LoaderConfig
 
 S = 112
@@ -27,7 +26,10 @@ SLOT = dict(flip=4, angle=5, brightness=6, contrast=7, saturation=8, hue=9, blur
 
 @pytest.fixture(scope="module")
 def kernel():
-    return njit(make_kernel(CFG.mean, CFG.std, blur_kernel(CFG.augment.blur_sigma[1])))
+    """The kernel with the constants DALI hands it (float32), called straight from Python."""
+    c = kernel_constants(CFG.mean, CFG.std, blur_kernel(CFG.augment.blur_sigma[1]))
+    norm, window = tuple(c[:6]), int(c[6])
+    return lambda out, img, p: augment(out, img, p, norm, window)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import math
 import time
 
 SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
+UNTIMED = 10  # steps after a (re)start left out of the timing: the loader's and allocator's warm-up
 MIN_TIMED = 10  # steps timed before the length is fitted (a validation before that waits for the next)
 _IMPORTED = time.time()
 
@@ -27,11 +28,14 @@ class StepPlan:
     def __init__(self, total: int, fitted: bool = False):
         self.total, self.fitted = total, fitted
         self._t0: float | None = None
+        self._start: int | None = None
         self._step0, self._paused = 0, 0.0
 
-    def mark(self, step: int) -> None:
-        """Start timing steps here (after the loader's warm-up)."""
-        if self._t0 is None:
+    def stepped(self, step: int) -> None:
+        """Called after every optimizer step; timing starts UNTIMED steps after the (re)start."""
+        if self._start is None:
+            self._start = step - 1
+        elif self._t0 is None and step - self._start >= UNTIMED:
             self._t0, self._step0 = time.perf_counter(), step
 
     def pause(self, seconds: float) -> None:

@@ -48,15 +48,17 @@ def init(env: DistEnv, device: str) -> None:
                                timeout=timedelta(minutes=30), verbose=False)
 
 
+def _on_backend(t: torch.Tensor) -> torch.Tensor:
+    """A collective's tensor on the device its backend needs (nccl: the GPU; gloo: the CPU)."""
+    return t.cuda() if dist.get_backend() == "nccl" else t
+
+
 def all_true(flag: bool) -> bool:
     """True when the flag is set on any rank (so all ranks act together, e.g. on SIGTERM)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return flag  # nothing to agree on: skip the per-step collective
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = _on_backend(torch.tensor([1.0 if flag else 0.0]))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -64,8 +66,6 @@ def rank0_value(value: int) -> int:
     """Rank 0's integer on every rank (e.g. a step count each rank estimated from its own timings)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _on_backend(torch.tensor([value], dtype=torch.int64))
     dist.broadcast(t, src=0)
     return int(t.item())

@@ -272,7 +272,6 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     engine.train()
     stopped, nonfinite = False, 0
     t0, seen = time.perf_counter(), 0
-    start_step = step
     while step < plan.total and not stopped:
         epoch, skipped_at_start = train_loader.epoch, train_loader.skipped
         micro = 0
@@ -307,8 +306,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             if micro % tc.grad_accum:
                 continue
             step += 1
-            if step == start_step + 10:  # the loader's and allocator's warm-up is behind us
-                plan.mark(step)
+            plan.stepped(step)
             if ema is not None:
                 ema.update(engine.module, step=step)
             if step % tc.log_every_steps == 0 or step == plan.total:
