@@ -91,6 +91,22 @@ def test_ldl_target_and_zero_kl_at_the_target():
     assert m.predict(logits).item() == pytest.approx(30.0, abs=1e-3)
 
 
+def test_ldl_width_grows_with_age():
+    """sigma_per_year: the target's standard deviation is sigma + sigma_per_year * age."""
+    m = create_method("ldl", min_age=0, max_age=100, sigma=1.0, sigma_per_year=0.05)
+    ages = torch.arange(101.0)
+    t = m.target(torch.tensor([10.0, 40.0, 60.0]))
+    mean = t @ ages
+    std = ((t * (ages[None] - mean[:, None]) ** 2).sum(1)).sqrt()
+    assert mean.tolist() == pytest.approx([10.0, 40.0, 60.0], abs=1e-3)
+    assert std.tolist() == pytest.approx([1.5, 3.0, 4.0], abs=0.01)
+    flat = create_method("ldl", min_age=0, max_age=100)  # default: one width for every age
+    assert torch.allclose(flat.target(torch.tensor([60.0])), create_method(
+        "ldl", min_age=0, max_age=100, sigma=2.0, sigma_per_year=0.0).target(torch.tensor([60.0])))
+    with pytest.raises(UserError, match="sigma_per_year"):
+        create_method("ldl", sigma_per_year=-0.1)
+
+
 def test_forest_loss_is_the_mixture_nll():
     m = create_method("drf", min_age=0, max_age=100)
     head = m.head(8)

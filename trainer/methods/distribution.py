@@ -5,7 +5,7 @@
   the probability mass outside a dynamic top-K, K being per sample the fewest ages whose
   probabilities add up to `mass` (0.9), at least `min_k`.
 - ldl: label-distribution learning: KL divergence to a Gaussian around the true age
-  (sigma 2 years); `lambda_l1` > 0 adds DLDL-v2's term (Gao et al., IJCAI 2018): the L1
+  (sigma 2 years; `sigma_per_year` > 0 widens it with the age); `lambda_l1` > 0 adds DLDL-v2's term (Gao et al., IJCAI 2018): the L1
   distance between the distribution's expectation (the predicted age) and the true age, so the
   loss also optimises the number the metric measures.
 """
@@ -66,13 +66,19 @@ class MeanResidue(AgeMethod):
 class LabelDistribution(AgeMethod):
     name, summary = "ldl", "label-distribution learning: KL to a Gaussian around the age"
     sigma = 2.0
+    # > 0: the width grows with the age, sigma + sigma_per_year * age, since the labels' own
+    # uncertainty does (a face of 60 is not dated to two years as one of 6 is); ALDL (Geng et al.,
+    # AAAI 2014) learns a width per age, this is its one-parameter form
+    sigma_per_year = 0.0
     lambda_l1 = 0.0
     # sigma in years; below ~0.1 the target is one-hot and the KL degenerates
-    _limits = {"sigma": (0.1, 50.0), "lambda_l1": (0.0, 100.0)}
+    _limits = {"sigma": (0.1, 50.0), "sigma_per_year": (0.0, 1.0), "lambda_l1": (0.0, 100.0)}
 
     def target(self, age: torch.Tensor) -> torch.Tensor:
-        d = self.ages.to(age.device)[None] - age.float()[:, None]
-        t = torch.exp(-0.5 * (d / self.sigma) ** 2)
+        age = age.float()
+        d = self.ages.to(age.device)[None] - age[:, None]
+        width = self.sigma + self.sigma_per_year * age.clamp_min(0)[:, None]
+        t = torch.exp(-0.5 * (d / width) ** 2)
         return t / t.sum(1, keepdim=True)
 
     def loss(self, out, age):
