@@ -45,6 +45,8 @@ def test_bench_shard_json(tmp_path, sample_jpegs):
     assert all(len(v) == 3 for v in out["rounds_img_s"].values())
     assert out["agescale_shard_img_s"] == sorted(out["rounds_img_s"]["shard"])[1]      # the median round
     assert out["ratio"] == pytest.approx(out["agescale_shard_img_s"] / out["bare_decode_img_s"], rel=0.01)
+    assert out["overhead_ratio"] == pytest.approx(out["agescale_shard_img_s"] / out["bare_check_img_s"], rel=0.01)
+    assert set(out["rounds_img_s"]) == {"decode", "check", "shard", "tar"}
 
 
 def test_bench_shard_synthetic_scale_json(tmp_path):

@@ -323,3 +323,56 @@ def test_group_index_is_what_np_unique_gives(groups):
     order = list(range(len(groups)))
     random.Random("0/train").shuffle(order)
     assert _permutation(len(groups), random.Random("0/train")).tolist() == order
+
+
+def _full_decode_fails(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return False
+    except Exception:
+        return True
+
+
+def test_decode_check_rejects_what_a_full_decode_rejects(sample_jpegs, monkeypatch):
+    """The sharder checks a JPEG it keeps as it is at 1/8 scale (images.prepare_image): damaged
+    files (truncated, bytes changed, a range zeroed; baseline, progressive and with restart
+    markers) must fail it exactly when a full decode fails."""
+    import random
+
+    from PIL import JpegImagePlugin
+
+    from data_pipeline.images import prepare_image
+
+    drafts = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda im, *a: drafts.append(1) or real_draft(im, *a))
+    rng = random.Random(0)
+    verdicts = Counter()
+    for n, f in enumerate(sample_jpegs[:36]):
+        data = f.read_bytes()
+        if n % 3:  # re-encoded as progressive / with a restart marker every row of blocks
+            buf = io.BytesIO()
+            Image.open(f).save(buf, "JPEG", quality=90, **({"progressive": True} if n % 3 == 1 else
+                                                          {"restart_marker_rows": 1}))
+            data = buf.getvalue()
+        damaged = [data[: rng.randrange(100, len(data))] for _ in range(3)]
+        for _ in range(3):
+            b = bytearray(data)
+            for _ in range(rng.randrange(1, 20)):
+                b[rng.randrange(2, len(b))] = rng.randrange(256)
+            damaged.append(bytes(b))
+        b = bytearray(data)
+        start, size = rng.randrange(2, len(b) - 400), rng.randrange(1, 400)
+        b[start:start + size] = bytes(size)
+        damaged.append(bytes(b))
+        for d in [data] + damaged:
+            full, ours = _full_decode_fails(d), not prepare_image(d).ok
+            assert full == ours, f"{f.name} ({n % 3}): a full decode {'fails' if full else 'passes'}, the check disagrees"
+            verdicts[full] += 1
+    assert verdicts[True] > 60 and verdicts[False] > 60  # both kinds of verdict are exercised
+    assert len(drafts) >= 36  # the 1/8-scale path ran (at least once per intact file)
+    kept = prepare_image(sample_jpegs[0].read_bytes())
+    with Image.open(sample_jpegs[0]) as im:
+        assert (kept.width, kept.height) == im.size and kept.data == sample_jpegs[0].read_bytes()

@@ -54,7 +54,7 @@ class ModelConfig(Strict):
     weights: str = Field("scratch", description="'scratch', a local .pth/.safetensors file, or 'hub' (downloads)")
     method: str = Field("dex", description="age method (see `agescale methods`)")
     method_args: dict[str, float] = Field(default_factory=dict,
-                                          description="the method's options, e.g. {sigma: 3} for ldl, "
+                                          description="the method's options, e.g. {sigma: 3} or {sigma: 1, sigma_per_year: 0.05} for ldl, "
                                           "{label_smoothing: 0.1} for dex")
     tta: Literal["none", "hflip"] = Field("none", description="test-time augmentation in evaluate, export and "
                                           "predict: hflip averages the image and its mirror")
