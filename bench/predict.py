@@ -4,26 +4,16 @@ the CPU, at batch 1 and 32, in one run, on the same preprocessed real images.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from base.errors import UserError
-from bench.common import machine
+from bench.common import items_per_s, machine
 from serving.predict import Predictor, expand
 from trainer.export import ServingModel
 from trainer.models import create_model
-
-
-def _rate(fn, batch: np.ndarray, seconds: float = 3.0) -> float:
-    fn(batch)
-    n, t = 0, time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        fn(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - t)
 
 
 def run(bundle: Path, images: Path) -> dict:
@@ -54,8 +44,8 @@ def run(bundle: Path, images: Path) -> dict:
 
     rows = {}
     for b in (1, 32):
-        rows[b] = {"onnxruntime_img_s": round(_rate(pred.run, batch[:b]), 1),
-                   "torch_eager_img_s": round(_rate(torch_run, batch[:b]), 1)}
+        rows[b] = {"onnxruntime_img_s": round(items_per_s(pred.run, batch[:b]), 1),
+                   "torch_eager_img_s": round(items_per_s(torch_run, batch[:b]), 1)}
     ratio = rows[1]["onnxruntime_img_s"] / rows[1]["torch_eager_img_s"]
     return {"benchmark": "predict", "bundle": str(bundle), "batch_1": rows[1], "batch_32": rows[32],
             "ratio": round(ratio, 3), "target": 1.5, "meets_target": ratio >= 1.5, "threads": torch.get_num_threads(),

@@ -5,6 +5,8 @@ One Ray Serve instance runs the bundle twice, as two applications: `/b` with dyn
 each at concurrency 1, 8 and 32 with a fixed number of requests per run (closed loop: each user
 sends its next request when the last is answered), the two applications interleaved, `rounds` times;
 rows are medians. `ratio` = batched ÷ unbatched throughput at concurrency 32; `target` = 1.5.
+`model_batch_gain` times the age model alone (ONNX Runtime, batch 1 vs `max_batch_size`) first:
+batching saves model time only, so that gain is the most `ratio` can reach on this CPU.
 Then a soak: `soak_s` seconds at concurrency 8 on `/b` with 1 % corrupt uploads: 5xx count, failed
 (lost or wrong) requests, and the replica's RSS at the start and the end of the soak.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from base.errors import UserError
-from bench.common import machine
+from bench.common import items_per_s, machine
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CONCURRENCY = (1, 8, 32)
@@ -84,8 +86,30 @@ def _payloads(images: Path, kind: str, workdir: Path, count: int = 24) -> list[P
     return [Path(e["file"]) for e in make_photos(files, count, workdir / "photos", seed=0)]
 
 
+def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads: int | None,
+                      spin: bool | None, rounds: int = 2) -> dict:
+    """The age model alone in ONNX Runtime, as a replica runs it: images/s at batch 1 and at
+    `batch_size`, interleaved rounds, medians. Batching saves model time only, so `gain` bounds
+    the service's `ratio` from above, however small the per-request overhead becomes."""
+    from PIL import Image
+
+    from serving.predict import Predictor
+
+    pred = Predictor(bundle, threads=threads, **({} if spin is None else {"spin": spin}))
+    one = np.stack([pred.preprocess(Image.open(f)) for f in crops])
+    full = np.resize(one, (batch_size, *one.shape[1:]))  # the crops repeated up to the batch
+    rates: dict = {1: [], batch_size: []}
+    for _ in range(rounds):
+        for b, x in ((1, one[:1]), (batch_size, full)):
+            rates[b].append(items_per_s(pred.predict_arrays, x))
+    at_1, at_n = statistics.median(rates[1]), statistics.median(rates[batch_size])
+    return {"batch_1_img_s": round(at_1, 1), f"batch_{batch_size}_img_s": round(at_n, 1),
+            "gain": round(at_n / at_1, 3)}
+
+
 def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s: float = 120.0,
-        payload: str = "crop", max_batch_size: int = 32, batch_wait_ms: float = 10.0, port: int = 8765) -> dict:
+        payload: str = "crop", max_batch_size: int = 32, batch_wait_ms: float = 10.0, port: int = 8765,
+        threads: int | None = None, spin: bool | None = None) -> dict:
     from cluster.ray_session import start_ray
     from serving.service import Limits, build_app
 
@@ -94,13 +118,16 @@ def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s
     workdir = Path(tempfile.mkdtemp(prefix="agescale-bench-serve-"))
     files = _payloads(images, payload, workdir)
     detect = "true" if payload == "photo" else "false"
+    # before Ray starts, on idle cores: the ceiling of `ratio`
+    model = _model_batch_gain(bundle, _payloads(images, "crop", workdir), max_batch_size, threads, spin)
     start_ray(None)
     from ray import serve
 
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
     apps = {"batched": ("/b", max_batch_size), "unbatched": ("/u", 1)}
     for name, (prefix, size) in apps.items():
-        limits = Limits(max_batch_size=size, batch_wait_ms=batch_wait_ms)
+        limits = Limits(max_batch_size=size, batch_wait_ms=batch_wait_ms, threads=threads,
+                        **({} if spin is None else {"spin": spin}))
         serve.run(build_app(bundle.resolve(), limits, cpus_per_replica=0.5), name=name, route_prefix=prefix)
     host = f"http://127.0.0.1:{port}"
     try:
@@ -139,6 +166,7 @@ def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s
         ray.shutdown()
     return {"benchmark": "serve", "bundle": str(bundle), "payload": payload, "detect": detect == "true",
             "requests_per_run": requests, "rounds": rounds, "max_batch_size": max_batch_size,
-            "batch_wait_ms": batch_wait_ms, "rows": table, "soak": soak,
+            "batch_wait_ms": batch_wait_ms, "threads": threads, "spin": Limits.spin if spin is None else spin,
+            "rows": table, "soak": soak, "model_batch_gain": model,
             "ratio": round(on / off, 3), "target": 1.5, "machine": machine(),
             "note": "locust (headless, FastHttpUser, closed loop) on the same cores as the service, loopback only"}

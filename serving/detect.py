@@ -72,17 +72,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class FaceDetector:
     """`detect(image)` → faces with box, score and landmarks, largest first."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
+
+        from serving.predict import session_options
 
         try:
             self.settings = json.loads((folder / "detector.json").read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{folder / 'detector.json'}: missing or not JSON ({type(e).__name__}); export the "
                             "bundle again") from None
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads, spin)
         self.nets = {}
         for name in NETS:
             try:

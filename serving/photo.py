@@ -25,15 +25,15 @@ MAX_FACES = 32          # the largest faces of a crowd photo; the rest are left 
 
 
 class PhotoPredictor:
-    def __init__(self, bundle: Path, threads: int | None = None):
-        self.model = Predictor(bundle, threads=threads)
+    def __init__(self, bundle: Path, threads: int | None = None, spin: bool = True):
+        self.model = Predictor(bundle, threads=threads, spin=spin)
         spec = self.model.pre.get("align")
         if not spec or not (bundle / "detector").is_dir():
             raise UserError(f"{bundle}: no face detector in the bundle (preprocess.json has no `align`); export "
                             "it again, or pass --no-detect for pre-aligned crops")
         self.template, self.crop = spec["template"], int(spec["crop_size"])
         self.min_score = float(spec.get("min_detection_score", 0.9))
-        self.detector = FaceDetector(bundle / "detector", threads=threads)
+        self.detector = FaceDetector(bundle / "detector", threads=threads, spin=spin)
 
     def load(self, image: Image.Image) -> Image.Image:
         if self.model.pre.get("exif_orientation"):

@@ -34,15 +34,28 @@ def _bundle_json(bundle: Path, name: str, keys: tuple[str, ...]) -> dict:
     return data
 
 
+def session_options(threads: int | None = None, spin: bool = True):
+    """ONNX Runtime session options. `spin=False` stops the intra-op threads from busy-waiting for
+    the next parallel section: a win where the cores are shared (the HTTP service, whose proxy and
+    replica event loop need the CPU between model calls), a small loss for back-to-back batches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
 class Predictor:
-    def __init__(self, bundle: Path, threads: int | None = None):
+    def __init__(self, bundle: Path, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
 
         self.pre, self.labels = _bundle_json(bundle, "preprocess.json", PREPROCESS_KEYS), _bundle_json(
             bundle, "labels.json", ("min_age", "max_age"))
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads, spin)
         try:
             self.session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, NoSuchFile, Fail, ...)

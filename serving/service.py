@@ -42,6 +42,7 @@ class Limits:
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
     threads: int | None = None  # ONNX Runtime intra-op threads per replica
+    spin: bool = True           # ONNX Runtime threads busy-wait between calls (see serving.predict.session_options)
     prepare_slots: int = 2      # requests decoded and detected at once per replica (bounds memory)
 
 
@@ -84,9 +85,9 @@ def build_app(bundle: Path, limits: Limits, replicas: int = 1, cpus_per_replica:
             from serving.predict import Predictor
 
             self.bundle, self.limits = bundle, limits
-            self.crops = Predictor(bundle, threads=limits.threads)
+            self.crops = Predictor(bundle, threads=limits.threads, spin=limits.spin)
             # a bundle exported without a detector still serves pre-aligned crops; a damaged one fails here
-            self.photos = PhotoPredictor(bundle, threads=limits.threads) if self.crops.pre.get("align") else None
+            self.photos = PhotoPredictor(bundle, threads=limits.threads, spin=limits.spin) if self.crops.pre.get("align") else None
             self.slots = asyncio.Semaphore(limits.prepare_slots)
             card = bundle / "card.json"
             self.card = json.loads(card.read_text()) if card.exists() else {}

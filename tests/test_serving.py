@@ -153,3 +153,19 @@ def test_damaged_weights_are_one_line_naming_the_file(trained_run, utk_shards, t
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (cmd[0], r.stderr[-1500:])
         assert str(target) in lines[0], (cmd[0], lines)
+
+
+def test_ort_spinning_off_reaches_every_session_and_changes_no_prediction(bundle):
+    from serving.photo import PhotoPredictor
+
+    key = "session.intra_op.allow_spinning"
+    default, quiet = PhotoPredictor(bundle), PhotoPredictor(bundle, threads=1, spin=False)
+    sessions = [quiet.model.session, *quiet.detector.nets.values()]
+    assert len(sessions) == 4 and all(s.get_session_options().get_session_config_entry(key) == "0" for s in sessions)
+    assert all(s.get_session_options().intra_op_num_threads == 1 for s in sessions)
+    with pytest.raises(RuntimeError):            # the default leaves ONNX Runtime's own (spinning) setting
+        default.model.session.get_session_options().get_session_config_entry(key)
+    crops = [Image.open(f) for f in sorted(SAMPLE.glob("*.jpg"))[:6]]
+    batch = np.stack([default.model.preprocess(c) for c in crops])
+    a, b = default.model.predict_arrays(batch), quiet.model.predict_arrays(batch)
+    assert [round(x["age"], 3) for x in a] == [round(x["age"], 3) for x in b] and len(a) == 6
