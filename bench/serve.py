@@ -87,7 +87,7 @@ def _payloads(images: Path, kind: str, workdir: Path, count: int = 24) -> list[P
 
 
 def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads: int | None,
-                      spin: bool | None, rounds: int = 2) -> dict:
+                      spin: bool | None, seconds: float, rounds: int = 2) -> dict:
     """The age model alone in ONNX Runtime, as a replica runs it: images/s at batch 1 and at
     `batch_size`, interleaved rounds, medians. Batching saves model time only, so `gain` bounds
     the service's `ratio` from above, however small the per-request overhead becomes."""
@@ -101,7 +101,7 @@ def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads:
     rates: dict = {1: [], batch_size: []}
     for _ in range(rounds):
         for b, x in ((1, one[:1]), (batch_size, full)):
-            rates[b].append(items_per_s(pred.predict_arrays, x))
+            rates[b].append(items_per_s(pred.predict_arrays, x, seconds))
     at_1, at_n = statistics.median(rates[1]), statistics.median(rates[batch_size])
     return {"batch_1_img_s": round(at_1, 1), f"batch_{batch_size}_img_s": round(at_n, 1),
             "gain": round(at_n / at_1, 3)}
@@ -109,7 +109,7 @@ def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads:
 
 def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s: float = 120.0,
         payload: str = "crop", max_batch_size: int = 32, batch_wait_ms: float = 10.0, port: int = 8765,
-        threads: int | None = None, spin: bool | None = None) -> dict:
+        threads: int | None = None, spin: bool | None = None, model_seconds: float = 3.0) -> dict:
     from cluster.ray_session import start_ray
     from serving.service import Limits, build_app
 
@@ -119,7 +119,8 @@ def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s
     files = _payloads(images, payload, workdir)
     detect = "true" if payload == "photo" else "false"
     # before Ray starts, on idle cores: the ceiling of `ratio`
-    model = _model_batch_gain(bundle, _payloads(images, "crop", workdir), max_batch_size, threads, spin)
+    model = _model_batch_gain(bundle, _payloads(images, "crop", workdir), max_batch_size, threads, spin,
+                              model_seconds)
     start_ray(None)
     from ray import serve
 

@@ -301,7 +301,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     return _emit(run(args.bundle, args.images, requests=args.requests, rounds=args.rounds, soak_s=args.soak_s,
                      payload=args.payload, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                     port=args.port, threads=args.threads, **_spin(args)), args.out)
+                     port=args.port, threads=args.threads, model_seconds=args.model_seconds, **_spin(args)),
+                 args.out)
 
 
 def cmd_bench_detect(args: argparse.Namespace) -> int:
@@ -586,7 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-wait-ms", type=_positive_float, default=10.0)
     b.add_argument("--port", type=_positive_int, default=8765)
     b.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads per replica (default: its own)")
-    b.add_argument("--ort-spinning", choices=("on", "off"), help="ONNX Runtime threads busy-wait between calls (as `serve --ort-spinning`)")
+    b.add_argument("--ort-spinning", choices=("on", "off"),
+                   help="ONNX Runtime threads busy-wait between calls (as `serve --ort-spinning`)")
+    b.add_argument("--model-seconds", type=_positive_float, default=3.0,
+                   help="length of each timing of the model alone (batch 1 and full batch, 2 rounds)")
     b.add_argument("--out", type=Path, help="also write the JSON here")
     b.set_defaults(func=cmd_bench_serve)
     return parser
