@@ -87,7 +87,7 @@ def _payloads(images: Path, kind: str, workdir: Path, count: int = 24) -> list[P
 
 
 def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads: int | None,
-                      spin: bool | None, seconds: float, rounds: int = 2) -> dict:
+                      spin: bool, seconds: float, rounds: int = 2) -> dict:
     """The age model alone in ONNX Runtime, as a replica runs it: images/s at batch 1 and at
     `batch_size`, interleaved rounds, medians. Batching saves model time only, so `gain` bounds
     the service's `ratio` from above, however small the per-request overhead becomes."""
@@ -95,7 +95,7 @@ def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads:
 
     from serving.predict import Predictor
 
-    pred = Predictor(bundle, threads=threads, **({} if spin is None else {"spin": spin}))
+    pred = Predictor(bundle, threads=threads, spin=spin)
     one = np.stack([pred.preprocess(Image.open(f)) for f in crops])
     full = np.resize(one, (batch_size, *one.shape[1:]))  # the crops repeated up to the batch
     rates: dict = {1: [], batch_size: []}
@@ -109,7 +109,7 @@ def _model_batch_gain(bundle: Path, crops: list[Path], batch_size: int, threads:
 
 def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s: float = 120.0,
         payload: str = "crop", max_batch_size: int = 32, batch_wait_ms: float = 10.0, port: int = 8765,
-        threads: int | None = None, spin: bool | None = None, model_seconds: float = 3.0) -> dict:
+        threads: int | None = None, spin: bool = True, model_seconds: float = 3.0) -> dict:
     from cluster.ray_session import start_ray
     from serving.service import Limits, build_app
 
@@ -127,8 +127,7 @@ def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
     apps = {"batched": ("/b", max_batch_size), "unbatched": ("/u", 1)}
     for name, (prefix, size) in apps.items():
-        limits = Limits(max_batch_size=size, batch_wait_ms=batch_wait_ms, threads=threads,
-                        **({} if spin is None else {"spin": spin}))
+        limits = Limits(max_batch_size=size, batch_wait_ms=batch_wait_ms, threads=threads, spin=spin)
         serve.run(build_app(bundle.resolve(), limits, cpus_per_replica=0.5), name=name, route_prefix=prefix)
     host = f"http://127.0.0.1:{port}"
     try:
@@ -167,7 +166,7 @@ def run(bundle: Path, images: Path, requests: int = 400, rounds: int = 2, soak_s
         ray.shutdown()
     return {"benchmark": "serve", "bundle": str(bundle), "payload": payload, "detect": detect == "true",
             "requests_per_run": requests, "rounds": rounds, "max_batch_size": max_batch_size,
-            "batch_wait_ms": batch_wait_ms, "threads": threads, "spin": Limits.spin if spin is None else spin,
+            "batch_wait_ms": batch_wait_ms, "threads": threads, "spin": spin,
             "rows": table, "soak": soak, "model_batch_gain": model,
             "ratio": round(on / off, 3), "target": 1.5, "machine": machine(),
             "note": "locust (headless, FastHttpUser, closed loop) on the same cores as the service, loopback only"}

@@ -185,11 +185,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result["best_trial"] else 1
 
 
-def _spin(args: argparse.Namespace) -> dict:
-    """`--ort-spinning on|off` as a keyword, or none (the service's own default)."""
-    return {} if args.ort_spinning is None else {"spin": args.ort_spinning == "on"}
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -201,7 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(f"{args.bundle}: no model.onnx (make one with `agescale export RUN --out BUNDLE`)")
     limits = Limits(max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pixels=args.max_pixels,
                     request_timeout_s=args.timeout_s, max_batch_size=args.max_batch_size,
-                    batch_wait_ms=args.batch_wait_ms, threads=args.threads, **_spin(args))
+                    batch_wait_ms=args.batch_wait_ms, threads=args.threads,
+                    spin=args.ort_spinning == "on")
     start_ray(args.address, num_cpus=None)
     from ray import serve
 
@@ -301,7 +297,8 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
     return _emit(run(args.bundle, args.images, requests=args.requests, rounds=args.rounds, soak_s=args.soak_s,
                      payload=args.payload, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                     port=args.port, threads=args.threads, model_seconds=args.model_seconds, **_spin(args)),
+                     port=args.port, threads=args.threads, model_seconds=args.model_seconds,
+                     spin=args.ort_spinning == "on"),
                  args.out)
 
 
@@ -477,8 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=_positive_int, default=1)
     p.add_argument("--cpus-per-replica", type=_positive_float, default=1.0)
     p.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads per replica (default: its own)")
-    p.add_argument("--ort-spinning", choices=("on", "off"),
-                   help="ONNX Runtime threads busy-wait between calls (default: the service's own); off leaves "
+    p.add_argument("--ort-spinning", choices=("on", "off"), default="on",
+                   help="ONNX Runtime threads busy-wait between calls (ONNX Runtime's default); off leaves "
                         "the cores to the HTTP stack between model calls")
     p.add_argument("--max-batch-size", type=_positive_int, default=32,
                    help="requests per model call (1 turns dynamic batching off)")
@@ -587,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-wait-ms", type=_positive_float, default=10.0)
     b.add_argument("--port", type=_positive_int, default=8765)
     b.add_argument("--threads", type=_positive_int, help="ONNX Runtime threads per replica (default: its own)")
-    b.add_argument("--ort-spinning", choices=("on", "off"),
+    b.add_argument("--ort-spinning", choices=("on", "off"), default="on",
                    help="ONNX Runtime threads busy-wait between calls (as `serve --ort-spinning`)")
     b.add_argument("--model-seconds", type=_positive_float, default=3.0,
                    help="length of each timing of the model alone (batch 1 and full batch, 2 rounds)")
