@@ -10,11 +10,15 @@ export RAY_AUTH_MODE ?= disabled
 venv:
 	@scripts/ensure_venv.sh
 
+# Two pytest-xdist workers (tests/conftest.py says how tests are grouped), then the `serial`
+# tests (wall-clock assertions) alone.
+XDIST := -n 2
 test: venv
-	$(PY) -m pytest -m "not heavy"
+	$(PY) -m pytest $(XDIST) -m "not heavy and not serial"
+	$(PY) -m pytest -m "serial and not heavy"
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow and not heavy"
+	$(PY) -m pytest $(XDIST) -m "not slow and not heavy"
 
 # The transformer families' 64-image overfit tests (~1-3.5 min each on 2 cores).
 test-heavy: venv

@@ -14,6 +14,10 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "utkface"
 SHARED = Path(os.environ.get("AGESCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
 AGESCALE = str(Path(sys.executable).parent / "agescale")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per worker (inherited by the processes a test starts): two workers then
+    # fill the two cores without four OpenMP threads spinning against each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_cli(*args, check: bool = False, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -86,3 +90,37 @@ def bundle(trained_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "b"
     run_cli("export", trained_run, "--out", out, check=True)
     return out
+
+
+
+# `make test` runs the suite on two pytest-xdist workers: most of a test's time is one process
+# importing torch and DeepSpeed on one core, so two workers keep both cores busy. Each module
+# runs on one worker (its module-scoped fixtures are built once), as with `--dist loadfile`,
+# except that the modules that start a local Ray instance form one unit, scheduled first (the
+# longest chain), so that no two Ray instances, each sized to the whole machine, run at once.
+# Tests marked `serial` (wall-clock assertions) run afterwards, alone (Makefile).
+# (A scheduler of our own because xdist 3.8's `loadgroup` marks do not take under pytest 9.2.)
+RAY_MODULES = {"test_tune", "test_shard_ray", "test_service"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from collections import OrderedDict
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayFirst(OrderedDict):
+        def __setitem__(self, scope, tests):
+            super().__setitem__(scope, tests)
+            if scope == "ray":
+                self.move_to_end(scope, last=False)
+
+    class ModulesRayTogether(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.workqueue = RayFirst()
+
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if Path(module).stem in RAY_MODULES else module
+
+    return ModulesRayTogether(config, log)
