@@ -387,10 +387,23 @@ def test_fit_steps_takes_the_longest_schedule_that_fits_the_budget():
                      val_every_steps=10, max_total=1000) == 40
 
 
+def test_step_timing_leaves_out_the_steps_before_the_first_validation_and_every_validation():
+    from trainer import budget
+
+    clock = iter([100.0, 130.0])  # the ends of the two validations below
+    plan = budget.StepPlan(1000, clock=lambda: next(clock))
+    assert plan.step_seconds(40, now=90.0) is None              # nothing timed before the first validation
+    plan.validated(40, seconds=6.0)                             # ends at t = 100: timing starts here
+    assert plan.step_seconds(40 + budget.MIN_TIMED - 1, now=109.0) is None  # too few steps timed yet
+    plan.validated(60, seconds=5.0)                             # a second validation, 5 s of it left out
+    assert plan.step_seconds(80, now=145.0) == pytest.approx((145.0 - 100.0 - 5.0) / 40)
+
+
 @pytest.mark.slow
+@pytest.mark.serial
 def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitted_schedule(utk_shards, tmp_path):
-    """train.time_budget_min: a run asked for far more epochs than fit in 40 s fits its length at the first
-    validation after 10 timed steps, ends inside the budget (process start to exit, as a user times it) with
+    """train.time_budget_min: a run asked for far more epochs than fit in 40 s fits its length at the second
+    validation (the steps before the first are never timed), ends inside the budget (process start to exit, as a user times it) with
     the learning rate at the cosine's floor, and a resume from a checkpoint before the end (given another
     budget) follows the saved length and ends on the uninterrupted run's weights."""
     import time
@@ -404,9 +417,9 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     wall = time.time() - t0
     rows = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
     plan = [r for r in rows if r["phase"] == "budget"]
-    assert len(plan) == 1 and plan[0]["step"] == 25  # the first validation with 10+ timed steps (from step 10)
+    assert len(plan) == 1 and plan[0]["step"] == 50  # the second validation: steps 25-50 timed
     total = plan[0]["total_steps"]
-    assert 25 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
+    assert 50 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
     assert json.loads((full / "run.json").read_text())["total_steps"] == total
     assert summary(full)["steps"] == total
     assert wall <= 0.67 * 60 + 3, wall  # + the test harness's own process start
@@ -415,12 +428,12 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     # Resume from the first checkpoint after the decision, with another budget on the command line.
     tags = sorted(p.name for p in (full / "checkpoints").glob("step*"))
     shutil.copytree(full, cut)
-    keep = tags[0]
+    keep = next(t for t in tags if int(t[4:]) >= plan[0]["step"])
     for t in tags[1:]:
         shutil.rmtree(cut / "checkpoints" / t)
     (cut / "summary.json").unlink()
     (cut / "checkpoints" / "LATEST").write_text(keep + "\n")
-    assert 25 <= int(keep[4:]) < total
+    assert plan[0]["step"] <= int(keep[4:]) < total
     run_cli("train", CONFIG, *small(utk_shards, cut, **{**opts, "train.time_budget_min": 5}), "--resume", check=True)
     assert summary(cut)["steps"] == total
     assert summary(cut)["param_checksums"] == summary(full)["param_checksums"]

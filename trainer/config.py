@@ -138,7 +138,7 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     time_budget_min: float | None = Field(
         None, gt=0, description="wall-time budget of the whole run (training, validation, calibration, test): at "
-        "the first validation the step count is fitted to the measured step and validation times (never more than "
+        "the first validation with 10 steps timed after the first one (the steps before it are warm-up, never timed), the step count is fitted to the measured step and validation times (never more than "
         "epochs / max_steps give) and saved for resumes; null = epochs / max_steps as set")
     device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: gloo, fp32; gpu: nccl")
     precision: Literal["fp32", "bf16", "bf16_autocast"] = Field(

@@ -20,16 +20,17 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
 
 
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """The learning rate at `step` of `total`, as a share of `cfg.lr`: linear warm-up, then cosine."""
+    warm = min(cfg.warmup_steps, max(total - 1, 0))
+    if step < warm:
+        return (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
 def make_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | Callable[[], int]):
-    """`total_steps` may be a callable: a run with a time budget fixes its length after the
-    first validation, inside the warm-up, and the cosine then fits the steps it chose."""
+    """`total_steps` may be a callable: a run with a time budget fixes its length after its
+    first timed epoch, and the cosine then fits the steps it chose."""
     total = total_steps if callable(total_steps) else (lambda: total_steps)
-
-    def factor(step: int) -> float:
-        warm = min(cfg.warmup_steps, max(total() - 1, 0))
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total() - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total()))

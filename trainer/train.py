@@ -32,7 +32,7 @@ from trainer.losses import multitask_loss
 from trainer.mixup import mix_images, mixed_loss, mixup_pairs
 from trainer.models import create_model
 from trainer.run_log import RunLog
-from trainer.schedule import make_optimizer, make_schedule
+from trainer.schedule import lr_factor, make_optimizer, make_schedule
 from trainer.speed import compile_engine, make_ema, set_threads, to_channels_last
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after checkpointing; run again with --resume
@@ -238,11 +238,12 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if saved_at == step:  # this step's checkpoint was written before the length was fixed: write it again
             saved_at = -1
             save()
-        if step >= tc.optimizer.warmup_steps and total < planned:
+        before, after = (lr_factor(tc.optimizer, step, n) for n in (planned, total))
+        if abs(after / before - 1) > 0.01:
             logging.getLogger("agescale").warning(
                 "train.time_budget_min: the length was fixed at step %d, after the warm-up (%d steps), so the "
-                "cosine changes course there; a warm-up longer than one epoch avoids that", step,
-                tc.optimizer.warmup_steps)
+                "learning rate changes there by %+.1f %%; a warm-up longer than two epochs avoids that", step,
+                tc.optimizer.warmup_steps, 100 * (after / before - 1))
 
     def validate() -> None:
         nonlocal best_mae, validated_at, val_rounds
@@ -261,7 +262,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             log.save_best(eval_model, metrics, step)
         if tc.time_budget_min and not plan.fitted:
             fit_budget(t_val, time.perf_counter() - t_val)
-        plan.pause(time.perf_counter() - t_val)
+        plan.validated(step, time.perf_counter() - t_val)
         if reporter is not None:
             tag_dir = ckpt_root / save()
             reporter({"val_round": val_rounds, "step": step, "epoch": round(step / steps_per_epoch, 3),
@@ -306,7 +307,6 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             if micro % tc.grad_accum:
                 continue
             step += 1
-            plan.stepped(step)
             if ema is not None:
                 ema.update(engine.module, step=step)
             if step % tc.log_every_steps == 0 or step == plan.total:
