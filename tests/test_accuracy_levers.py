@@ -387,6 +387,14 @@ def test_fit_steps_takes_the_longest_schedule_that_fits_the_budget():
                      val_every_steps=10, max_total=1000) == 40
 
 
+def test_validations_before_the_last_step_are_counted_once_each():
+    from trainer.budget import validations_before
+
+    assert validations_before(100, steps_per_epoch=20, val_every_steps=None) == 4      # 20, 40, 60, 80
+    assert validations_before(100, steps_per_epoch=20, val_every_steps=30) == 6        # + 30, 90 (60 once)
+    assert validations_before(30, steps_per_epoch=40, val_every_steps=None) == 0       # one short epoch: none
+
+
 def test_step_timing_leaves_out_the_steps_before_the_first_validation_and_every_validation():
     from trainer import budget
 

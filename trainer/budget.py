@@ -47,25 +47,24 @@ class StepPlan:
         return (now - self._mark[1] - self._paused) / (step - self._mark[0])
 
 
+def validations_before(n: int, steps_per_epoch: int, val_every_steps: int | None) -> int:
+    """Distinct validation steps in [1, n): epoch ends and every val_every_steps."""
+    count = (n - 1) // steps_per_epoch
+    if val_every_steps:
+        count += (n - 1) // val_every_steps - (n - 1) // math.lcm(steps_per_epoch, val_every_steps)
+    return count
+
+
 def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, val_s: float, end_s: float,
               steps_per_epoch: int, val_every_steps: int | None, max_total: int) -> int:
     """The largest total step count N (step < N <= max_total) whose estimated end time,
     elapsed + (N - step)·step_s + (validations after `step`)·val_s + end_s, stays within
     SAFETY·budget_s. At least step + 1, so a run past its budget still ends at once."""
 
-    def multiples(k: int, n: int) -> int:  # multiples of k in (step, n]
-        return n // k - step // k
-
     def validations(n: int) -> int:
-        """Distinct validation steps in (step, n]: epoch ends, every val_every_steps, and the last step
-        (a step that is several of these validates once)."""
-        count = multiples(steps_per_epoch, n)
-        on_grid = n % steps_per_epoch == 0
-        if val_every_steps:
-            both = math.lcm(steps_per_epoch, val_every_steps)
-            count += multiples(val_every_steps, n) - multiples(both, n)
-            on_grid = on_grid or n % val_every_steps == 0
-        return count + (not on_grid)
+        """Distinct validation steps in (step, n]: the grid's, and the last step once."""
+        return validations_before(n, steps_per_epoch, val_every_steps) - validations_before(
+            step + 1, steps_per_epoch, val_every_steps) + 1
 
     def cost(n: int) -> float:
         return elapsed_s + (n - step) * step_s + validations(n) * val_s + end_s

@@ -127,6 +127,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         raise UserError(f"the train split gives {len(train_loader)} batches per rank, fewer than "
                         f"train.grad_accum={tc.grad_accum}: lower data.loader.batch_size")
     plan = budget.StepPlan(tc.max_steps or tc.epochs * steps_per_epoch)
+    if tc.time_budget_min and budget.validations_before(plan.total, steps_per_epoch, tc.val_every_steps) < 2:
+        logging.getLogger("agescale").warning(
+            "train.time_budget_min=%s: the run validates fewer than twice before its last step, and the length is "
+            "fitted at the second validation (the first epoch is not timed); set train.val_every_steps below %d "
+            "steps to let the budget act", tc.time_budget_min, plan.total // 3)
 
     tag, notes = checkpoint.resumable(ckpt_root) if resume else (None, [])
     if rank == 0:
