@@ -92,7 +92,6 @@ def bundle(trained_run, tmp_path_factory) -> Path:
     return out
 
 
-
 # `make test` runs the suite on two pytest-xdist workers: most of a test's time is one process
 # importing torch and DeepSpeed on one core, so two workers keep both cores busy. Each module
 # runs on one worker (its module-scoped fixtures are built once), as with `--dist loadfile`,
