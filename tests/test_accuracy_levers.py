@@ -411,8 +411,8 @@ def test_step_timing_leaves_out_the_steps_before_the_first_validation_and_every_
 @pytest.mark.serial
 def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitted_schedule(utk_shards, tmp_path):
     """train.time_budget_min: a run asked for far more epochs than fit in 40 s fits its length at the second
-    validation (the steps before the first are never timed), ends inside the budget (process start to exit, as a user times it) with
-    the learning rate at the cosine's floor, and a resume from a checkpoint before the end (given another
+    validation (the steps before the first are never timed), ends inside the budget (process start to exit, as
+    a user times it) with the learning rate at the cosine's floor, and a resume from a checkpoint before the end (given another
     budget) follows the saved length and ends on the uninterrupted run's weights."""
     import time
 
@@ -437,8 +437,9 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     tags = sorted(p.name for p in (full / "checkpoints").glob("step*"))
     shutil.copytree(full, cut)
     keep = next(t for t in tags if int(t[4:]) >= plan[0]["step"])
-    for t in tags[1:]:
-        shutil.rmtree(cut / "checkpoints" / t)
+    for t in tags:
+        if t != keep:  # only the kept one stays, so the resume cannot fall back to one before the fit
+            shutil.rmtree(cut / "checkpoints" / t)
     (cut / "summary.json").unlink()
     (cut / "checkpoints" / "LATEST").write_text(keep + "\n")
     assert plan[0]["step"] <= int(keep[4:]) < total

@@ -131,7 +131,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         logging.getLogger("agescale").warning(
             "train.time_budget_min=%s: the run validates fewer than twice before its last step, and the length is "
             "fitted at the second validation (the first epoch is not timed); set train.val_every_steps below %d "
-            "steps to let the budget act", tc.time_budget_min, plan.total // 3)
+            "steps to let the budget act", tc.time_budget_min, max(1, plan.total // 3))
 
     tag, notes = checkpoint.resumable(ckpt_root) if resume else (None, [])
     if rank == 0:
