@@ -103,13 +103,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = out_dir(args.out or (args.runs[0] if args.runs[0].is_dir() else args.runs[0].parent) / f"eval-{args.data.name}")
     report = evaluate_runs(args.runs, args.data, out, tta=args.tta, calibrate_on=args.calibrate_on,
-                           image_size=args.image_size, crop_pct=args.crop_pct)
+                           image_size=args.image_size, crop_pct=args.crop_pct, decode=args.decode)
     m = report["metrics"]
     cov = m.get("interval90_coverage")
     print(f"MAE {m['mae']:.2f}  CS@5 {m['cs@5']:.3f}  gender accuracy {m.get('gender_accuracy', float('nan')):.3f}"
           + (f"  90% interval coverage {cov:.3f}" if cov is not None else "") + f"  ({m['count']} images)")
     fr = report["framing"]
-    print(f"test-time augmentation: {report['tta']}; framing: {fr['image_size']} px, crop {fr['crop_pct']:g}; "
+    print(f"test-time augmentation: {report['tta']}; age: {report['decode']}; framing: {fr['image_size']} px, crop {fr['crop_pct']:g}; "
           f"interval: {report['interval_calibration']['from']}")
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(report['plots'])} plots")
     return 0
@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at this size instead of the run's (ResNet backbones; FixRes-style test size)")
     p.add_argument("--crop-pct", type=_positive_float, metavar="P",
                    help="centre crop P of the image, 0 < P <= 1 (default: the run's data.loader.eval_crop_pct)")
+    p.add_argument("--decode", choices=("mean", "median"),
+                   help="report the mean or the median of each model's age distribution (default: the run's "
+                        "model.decode; the median minimises the expected absolute error)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="serving bundle: safetensors, ONNX, preprocessing, labels, model card",

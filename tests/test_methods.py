@@ -123,3 +123,34 @@ def test_forest_loss_is_the_mixture_nll():
     assert m.loss(out, torch.tensor([31.0]))["loss"].item() == pytest.approx(
         -math.log(0.5 * gauss(31, 30) + 0.5 * gauss(31, 60)), rel=1e-5)
     assert m.predict(out).item() == pytest.approx(45.0)
+
+
+def test_median_decode_is_the_distributions_median_and_lowers_the_expected_absolute_error():
+    from trainer.methods import distribution_median
+
+    p = torch.zeros(3, 101)
+    p[0, 30] = 1.0                                   # all mass at 30: the median is 30
+    p[1, 20:30] = 0.1                                # uniform over 20..29: mass on [19.5, 29.5], median 24.5
+    p[2, 10], p[2, 11], p[2, 60] = 0.3, 0.3, 0.4     # skewed: mean 30.3, median inside age 11's half-year
+    assert distribution_median(p, 0).tolist() == pytest.approx([30.0, 24.5, 10.5 + 0.2 / 0.3])
+    assert distribution_median(p[:, 5:], 5).tolist() == pytest.approx([30.0, 24.5, 10.5 + 0.2 / 0.3])
+    # The median minimises the expected |age - estimate| under the distribution; the mean does not.
+    m = create_method("ldl", min_age=0, max_age=100, decode="median")
+    logits = torch.log(p[2:].clamp_min(1e-9))
+    med, mean = m.estimate(logits), create_method("ldl").estimate(logits)
+    assert mean.item() == pytest.approx(0.3 * 10 + 0.3 * 11 + 0.4 * 60, abs=1e-3)
+    # each age's mass spread evenly over its year, as the median reads it: 100 points per year
+    grid = (torch.arange(101.0)[:, None] + (torch.arange(100) + 0.5)[None] / 100 - 0.5).flatten()
+    mass = p[2].repeat_interleave(100) / 100
+    expected_abs = lambda c: float((mass * (grid - c).abs()).sum())  # noqa: E731
+    assert expected_abs(med.item()) < expected_abs(mean.item()) - 3.5
+    assert expected_abs(med.item()) <= min(expected_abs(c) for c in torch.linspace(0, 100, 2001).tolist()) + 1e-4
+    # every method with a distribution takes it; the regressions, which have none, refuse it
+    for cls in list_methods():
+        if cls.has_distribution:
+            assert create_method(cls.name, decode="median").decode == "median"
+        else:
+            with pytest.raises(UserError, match=f"model.decode=median: method '{cls.name}' predicts one number"):
+                create_method(cls.name, decode="median")
+    with pytest.raises(UserError, match="model.decode='mode'"):
+        create_method("dex", decode="mode")

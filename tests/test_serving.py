@@ -83,6 +83,24 @@ def test_onnx_runtime_matches_torch_for_every_method(method, tmp_path):
         assert np.abs(a - b).max() <= 1e-4, name
 
 
+@pytest.mark.parametrize("method", [m.name for m in list_methods() if m.has_distribution])
+def test_onnx_runtime_matches_torch_with_median_decoding(method, tmp_path):
+    """model.decode=median runs inside the graph (cumsum, compare, gather): ONNX Runtime's ages
+    equal torch's, and they are the medians, not the means, of the graph's distributions."""
+    from trainer.methods import distribution_median
+
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method=method, decode="median"), 48).eval()
+    write_onnx(model, 48, tmp_path / "m.onnx")
+    x = _real_batch()
+    with torch.no_grad():
+        want = ServingModel(model)(x)[0].numpy()
+    age, dist = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[:2]
+    assert np.abs(age - want).max() <= 1e-3
+    assert np.abs(age - distribution_median(torch.from_numpy(dist), 0).numpy()).max() <= 1e-3
+    assert np.abs(age - dist @ np.arange(101)).max() > 0.01
+
+
 def test_predict_uses_no_training_packages(bundle, tmp_path):
     big = tmp_path / "big.png"
     Image.open(next(SAMPLE.glob("*.jpg"))).resize((500, 300)).save(big)      # any size is resized

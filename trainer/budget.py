@@ -1,5 +1,5 @@
-"""A wall-time budget for a run (`train.time_budget_min`): the step count is fitted once, from
-the run's own measured step and validation times, so that training, every validation, the
+"""A wall-time budget for a run (`train.time_budget_min`): the step count is fitted from the
+run's own measured step and validation times, so that training, every validation, the
 calibration and the test end inside the budget on whatever machine runs it.
 
 Why: a recipe written as "N epochs" takes 45 minutes on one 2-core CPU and 75 on another
@@ -13,11 +13,21 @@ The choice is made at the next validation with enough timed steps, normally the 
 end, and saved in every checkpoint, so a resumed run follows the same schedule. A learning-rate
 warm-up that still runs then leaves the learning rates unchanged; one that has ended changes
 the cosine's course there, by how much the trainer logs.
+
+Machines slow down mid-run (a 2-core Xeon ran the same steps 10-20 % slower from the run's
+seventh epoch on, with nothing else running, and overshot an hour's budget by 3.6 minutes), so
+every later validation re-fits the length, and only ever shortens it: a run that speeds up keeps
+its length, one that slows down still ends inside the budget. A re-fit counts the time really
+spent (a stall included) and expects the remaining steps to take the median step time of the
+latest three stretches between validations: a slow-down that lasts shows after two of them, a
+single stall is paid for once instead of being extrapolated over the rest of the run. A resumed run keeps the length its checkpoint saved and does not re-fit (its
+own process started later, so its clock is not the run's).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
@@ -31,20 +41,37 @@ class StepPlan:
     def __init__(self, total: int, fitted: bool = False, clock=time.perf_counter):
         self.total, self.fitted, self._clock = total, fitted, clock
         self._mark: tuple[int, float] | None = None  # (step, time) where timing started
+        self._last: tuple[int, float] | None = None  # (step, time) at the end of the latest validation
+        self._windows: list[tuple[int, float]] = []  # (steps, seconds) between consecutive validations
         self._paused = 0.0
+        # True once this process fitted the length: only then do later validations re-fit it
+        self.refits = False
 
     def validated(self, step: int, seconds: float) -> None:
         """Called at the end of every validation (`seconds` long). Timing starts at the end of
         the first one after the (re)start; later validations are left out of it."""
+        now = self._clock()
         if self._mark is None:
-            self._mark = (step, self._clock())
+            self._mark = (step, now)
         else:
             self._paused += seconds
+            self._windows.append((step - self._last[0], now - seconds - self._last[1]))
+        self._last = (step, now)
 
     def step_seconds(self, step: int, now: float) -> float | None:
+        """Mean step time since timing started (validations left out)."""
         if self._mark is None or step - self._mark[0] < MIN_TIMED:
             return None
         return (now - self._mark[1] - self._paused) / (step - self._mark[0])
+
+    def recent_step_seconds(self, step: int, now: float) -> float | None:
+        """What a re-fit expects the remaining steps to take: the median step time of the latest
+        three stretches between validations (the one ending `now` included) of >= MIN_TIMED steps."""
+        if self._last is None:
+            return None
+        windows = [*self._windows[-2:], (step - self._last[0], now - self._last[1])]
+        rates = [s / n for n, s in windows if n >= MIN_TIMED]
+        return statistics.median(rates) if rates else None
 
 
 def validations_before(n: int, steps_per_epoch: int, val_every_steps: int | None) -> int:

@@ -77,10 +77,11 @@ def save(cal: dict, run_dir: Path) -> None:
     (run_dir / CALIBRATION).write_text(json.dumps(cal, indent=1) + "\n")
 
 
-def applies(rule: dict | None, weights: Path, run_dir: Path, tta: str) -> dict | None:
+def applies(rule: dict | None, weights: Path, run_dir: Path, tta: str, decode: str = "mean") -> dict | None:
     """The stored rule if it was fitted for these weights (the run's best model, which the
-    trainer calibrates) and this TTA; None otherwise (a checkpoint's raw weights, another TTA)."""
-    if rule is None or rule.get("tta", "none") != tta:
+    trainer calibrates), this TTA and this decode (the interval is centred on the reported age);
+    None otherwise (a checkpoint's raw weights, another TTA or decode)."""
+    if rule is None or rule.get("tta", "none") != tta or rule.get("decode", "mean") != decode:
         return None
     return rule if Path(weights).resolve() == (run_dir / "best" / "model.safetensors").resolve() else None
 

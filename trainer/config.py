@@ -56,6 +56,9 @@ class ModelConfig(Strict):
     method_args: dict[str, float] = Field(default_factory=dict,
                                           description="the method's options, e.g. {sigma: 3} or {sigma: 1, sigma_per_year: 0.05} for ldl, "
                                           "{label_smoothing: 0.1} for dex")
+    decode: Literal["mean", "median"] = Field("mean", description="the reported age of a method with a "
+                                              "distribution: its mean, or its median (lower MAE: the median "
+                                              "minimises the expected absolute error)")
     tta: Literal["none", "hflip"] = Field("none", description="test-time augmentation in evaluate, export and "
                                           "predict: hflip averages the image and its mirror")
     min_age: int = Field(0, ge=0)
@@ -97,13 +100,14 @@ class ModelConfig(Strict):
                                  f"{example}), not {self.backbone!r}")
         if self.attention and self.architecture != "timm":
             raise ValueError(f"attention pooling is for architecture timm; {self.architecture} has its own")
-        if self.method_args:
-            # the method checks its options (this imports torch, so a config without options,
-            # e.g. `agescale shard`'s, skips it; the age range is checked above)
+        if self.method_args or self.decode != "mean":
+            # the method checks its options and decode (this imports torch, so a config without
+            # them, e.g. `agescale shard`'s, skips it; the age range is checked above)
             from trainer.methods import create_method
 
             try:
-                create_method(self.method, min_age=self.min_age, max_age=self.max_age, **self.method_args)
+                create_method(self.method, min_age=self.min_age, max_age=self.max_age, decode=self.decode,
+                              **self.method_args)
             except Exception as e:  # UserError from the method: name it here, at load time
                 raise ValueError(str(e)) from None
         return self

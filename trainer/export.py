@@ -82,7 +82,7 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
     cfg, model, weights = load_trained(path)
     run = run_dir_of(path)
     tta = cfg.model.tta if tta is None else tta
-    rule = calibration.applies(calibration.load(run), weights, run, tta)
+    rule = calibration.applies(calibration.load(run), weights, run, tta, cfg.model.decode)
     out.mkdir(parents=True, exist_ok=True)
     lc, size = cfg.data.loader, cfg.data.loader.image_size
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
@@ -107,7 +107,9 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
     m = model.method
     (out / "labels.json").write_text(json.dumps({
         "method": cfg.model.method, "min_age": m.min_age, "max_age": m.max_age,
-        "outputs": {"age": "predicted age in years (N,)",
+        "decode": cfg.model.decode,
+        "outputs": {"age": "predicted age in years (N,): the " + cfg.model.decode + " of the distribution"
+                    if "distribution" in names else "predicted age in years (N,)",
                     "distribution": "probabilities over the integer ages min_age..max_age (N, K)",
                     "gender_prob": "probability that the face is female (N,); 0 = male, 1 = female"},
         "output_names": names,

@@ -84,7 +84,7 @@ def _saliency(model, images: torch.Tensor) -> torch.Tensor:
         # MiVOLO and SwinFace have no single last feature map for Grad-CAM: use the gradient of
         # the predicted age with respect to the pixels (a plain saliency map) instead.
         images = images.detach().clone().requires_grad_(True)
-        model.method.predict(model(images)["age"]).sum().backward()
+        model.method.estimate(model(images)["age"]).sum().backward()
         maps = images.grad.abs().sum(1).detach()
     else:
         fmap = model._feature_map(images).detach().requires_grad_(True)
@@ -93,7 +93,7 @@ def _saliency(model, images: torch.Tensor) -> torch.Tensor:
         age_in = pooled
         if model.gender_embed is not None:
             age_in = torch.cat([pooled, model.gender_embed(torch.sigmoid(model.gender(pooled)))], 1)
-        model.method.predict(model.age(age_in)).sum().backward()
+        model.method.estimate(model.age(age_in)).sum().backward()
         weights = fmap.grad.mean(dim=(2, 3), keepdim=True)
         maps = torch.relu((weights * fmap).sum(1)).detach()
     maps = maps - maps.flatten(1).min(1)[0][:, None, None]
@@ -188,7 +188,7 @@ def _reframe(cfg, image_size: int | None, crop_pct: float | None) -> bool:
 
 def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = None,
                   calibrate_on: Path | None = None, image_size: int | None = None,
-                  crop_pct: float | None = None) -> dict:
+                  crop_pct: float | None = None, decode: str | None = None) -> dict:
     """Metrics, per-race-in-age-bin table and plots of one model or an ensemble on `data`.
 
     Test-time augmentation: `tta`, else the first run's `model.tta`. The 90 % interval: fitted on
@@ -198,10 +198,19 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
 
     `image_size` / `crop_pct` change the evaluation framing (FixRes: training's random resized
     crops frame faces tighter than a whole-image evaluation does); a stored calibration was fitted
-    at the run's own framing, so it applies only there (`calibrate_on` fits one at the new)."""
+    at the run's own framing, so it applies only there (`calibrate_on` fits one at the new).
+
+    `decode` ("mean" / "median") overrides the runs' `model.decode`, as the stored calibration's
+    interval is centred on the run's own decode, it applies only to that."""
     loaded = [load_trained(p) for p in paths]
     cfg = loaded[0][0]
     tta = tta or cfg.model.tta
+    if decode is not None:
+        for _, m, _ in loaded:
+            if decode == "median" and not m.method.has_distribution:
+                raise UserError(f"--decode median: method {m.method.name!r} has no age distribution")
+            m.method.decode = decode
+    decode = loaded[0][1].method.decode
     reframed = _reframe(cfg, image_size, crop_pct)
     split, shards = data.name, data.parent
     if not (shards / "manifest.json").exists():
@@ -223,7 +232,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
                      "pass --calibrate-on SHARDS/val for this one")
     elif len(loaded) == 1:
         run = run_dir_of(paths[0])
-        stored = calibration.applies(calibration.load(run), loaded[0][2], run, tta)
+        stored = calibration.applies(calibration.load(run), loaded[0][2], run, tta, decode)
         if stored is not None:
             rule, rule_from = stored, f"the run's calibration.json (fitted on its {stored.get('split', 'val')} split)"
     loader = create_loader(cfg.data, split, train=False)
@@ -232,13 +241,13 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
     metrics["mae_by_race_in_age_bin"] = race_by_age_bin(result)
     plots = _plots(result, loaded[0][1], cfg.data.loader.mean, cfg.data.loader.std, out / "plots")
     lc = cfg.data.loader
-    report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "tta": tta,
+    report = {"models": [str(w) for _, _, w in loaded], "data": str(data), "tta": tta, "decode": decode,
               "framing": {"image_size": lc.image_size, "crop_pct": lc.eval_crop_pct},
               "interval_calibration": {"from": rule_from, **(rule or {})}, "metrics": metrics, "plots": plots}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# agescale evaluation: {data}", "", f"Models: {', '.join(report['models'])}", "",
-             f"Test-time augmentation: {tta}. Framing: {lc.image_size} px, centre crop {lc.eval_crop_pct:g} "
+             f"Test-time augmentation: {tta}. Age: the {decode} of each model's output. Framing: {lc.image_size} px, centre crop {lc.eval_crop_pct:g} "
              f"of the image. 90 % interval: {rule_from}.", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"

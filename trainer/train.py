@@ -219,9 +219,11 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         return checkpoint.tag_of(step)
 
     def fit_budget(val_start: float, val_s: float) -> None:
-        """train.time_budget_min: fix the run's length from its own step and validation times."""
+        """train.time_budget_min: fix the run's length from its own step and validation times;
+        once fixed, later validations re-fit it from the latest steps' times, shortening only."""
         nonlocal saved_at
-        step_s = plan.step_seconds(step, now=val_start)
+        refit = plan.refits
+        step_s = (plan.recent_step_seconds if refit else plan.step_seconds)(step, now=val_start)
         if step_s is None or step >= plan.total:  # too few steps timed yet (decide at the next one), or done
             return
         passes = 2 if ema is not None and tc.ema_val_raw else 1
@@ -232,10 +234,16 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             budget_s=60 * tc.time_budget_min, elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s,
             end_s=end_s, steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps, max_total=plan.total))
         planned = plan.total
-        plan.total, plan.fitted = total, True
+        if refit and total >= planned:  # still fits (fit_steps never goes past max_total = planned)
+            return
+        plan.total, plan.fitted, plan.refits = total, True, True
         log.replan(step, total, {"time_budget_min": tc.time_budget_min, "planned_steps": planned,
                                  "epochs": round(total / steps_per_epoch, 2), "step_s": step_s,
-                                 "val_s": val_s, "end_s": end_s, "elapsed_s": elapsed})
+                                 "val_s": val_s, "end_s": end_s, "elapsed_s": elapsed, "refit": refit})
+        if refit:
+            logging.getLogger("agescale").warning(
+                "train.time_budget_min: steps now take %.3f s, so the run is shortened from %d to %d steps to end "
+                "inside %s min", step_s, planned, total, tc.time_budget_min)
         if total == step + 1 and total < planned:
             logging.getLogger("agescale").warning(
                 "train.time_budget_min=%s: %.0f s were spent by step %d, so the budget allows no more training; "
@@ -244,7 +252,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             saved_at = -1
             save()
         before, after = (lr_factor(tc.optimizer, step, n) for n in (planned, total))
-        if abs(after / before - 1) > 0.01:
+        if not refit and abs(after / before - 1) > 0.01:
             logging.getLogger("agescale").warning(
                 "train.time_budget_min: the length was fixed at step %d, after the warm-up (%d steps), so the "
                 "learning rate changes there by %+.1f %%; a warm-up longer than two epochs avoids that", step,
@@ -265,7 +273,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if metrics.get("mae", float("inf")) < best_mae:
             best_mae = metrics["mae"]
             log.save_best(eval_model, metrics, step)
-        if tc.time_budget_min and not plan.fitted:
+        if tc.time_budget_min and (plan.refits or not plan.fitted):
             fit_budget(t_val, time.perf_counter() - t_val)
         plan.validated(step, time.perf_counter() - t_val)
         if reporter is not None:
@@ -346,7 +354,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         (run_dir / calibration.CALIBRATION).unlink(missing_ok=True)  # never an earlier run's rule
     if tc.calibrate:
         rule = fit_interval(eval_model, val_loader, device, cfg.model.tta, channels_last=tc.channels_last)
-        rule["split"], rule["tta"] = "val", cfg.model.tta
+        rule["split"], rule["tta"], rule["decode"] = "val", cfg.model.tta, cfg.model.decode
         if rank == 0:
             calibration.save(rule, run_dir)
         summary["calibration"] = rule

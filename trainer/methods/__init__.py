@@ -4,6 +4,8 @@ it has one) its age distribution. Adding a method is one new module plus its imp
 A method sees the head's raw outputs (N, out_features) and ages in years (N,). `loss` returns
 its parts (timm-style) with the total under "loss"; `predict` turns outputs into ages;
 `distribution` gives (N, K) probabilities over the integer ages min_age..max_age, or None.
+`estimate` is what evaluation, export and serving report: `predict`, or with decode "median"
+the median of `distribution` (the number that minimises the expected absolute error).
 """
 
 from __future__ import annotations
@@ -24,9 +26,18 @@ class AgeMethod:
     # The range each numeric option accepts (inclusive); a value outside is refused at load time.
     _limits: dict[str, tuple[float, float]] = {}
 
-    def __init__(self, min_age: int = 0, max_age: int = 100, **options: float):
+    # False for methods whose output is one number (regression): no distribution to take a median of
+    has_distribution = True
+
+    def __init__(self, min_age: int = 0, max_age: int = 100, decode: str = "mean", **options: float):
         if not 0 <= min_age < max_age:
             raise UserError(f"age range [{min_age}, {max_age}] is empty")
+        if decode not in DECODES:
+            raise UserError(f"model.decode={decode!r}: one of {', '.join(DECODES)}")
+        if decode == "median" and not self.has_distribution:
+            raise UserError(f"model.decode=median: method {self.name!r} predicts one number, with no age "
+                            "distribution to take the median of; use model.decode=mean")
+        self.decode = decode
         # `model.method_args`: each key overrides one of the method's numeric class attributes
         # (LDL's sigma, DEX's label_smoothing, mean-variance's lambdas, ...).
         for key, value in options.items():
@@ -69,8 +80,32 @@ class AgeMethod:
     def distribution(self, out: torch.Tensor) -> torch.Tensor | None:
         return torch.softmax(out.float(), dim=1)
 
+    def estimate(self, out: torch.Tensor) -> torch.Tensor:
+        """The reported age: the method's own `predict` (for distributions, their mean), or the
+        distribution's median with `decode: median`."""
+        if self.decode == "median":
+            return distribution_median(self.distribution(out), self.min_age)
+        return self.predict(out)
+
     def age_index(self, age: torch.Tensor) -> torch.Tensor:
         return (age.round().clamp(self.min_age, self.max_age) - self.min_age).long()
+
+
+DECODES = ("mean", "median")
+
+
+def distribution_median(p: torch.Tensor, min_age: int) -> torch.Tensor:
+    """Median of (N, K) probabilities over the integer ages min_age.., each age's mass spread
+    evenly over [age - 0.5, age + 0.5] (so the median moves smoothly with the probabilities).
+    The mean minimises the expected squared error; the median minimises the expected absolute
+    error, which MAE measures. Written out because torch's `quantile` takes samples, not a
+    distribution; it exports to ONNX (cumsum, compare, gather)."""
+    p = p.float()
+    cdf = p.cumsum(1)
+    k = (cdf < 0.5).sum(1, keepdim=True).clamp(max=p.shape[1] - 1)   # first age whose cdf reaches 0.5
+    below = (cdf - p).gather(1, k)                                     # mass of the ages under it
+    mass = p.gather(1, k).clamp_min(1e-12)
+    return (min_age - 0.5 + k + ((0.5 - below) / mass).clamp(0, 1)).squeeze(1)
 
 
 _REGISTRY: dict[str, Callable[..., AgeMethod]] = {}

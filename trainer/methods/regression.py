@@ -12,6 +12,8 @@ CENTER, SCALE = 35.0, 20.0
 
 
 class _Regression(AgeMethod):
+    has_distribution = False
+
     @property
     def out_features(self) -> int:
         return 1

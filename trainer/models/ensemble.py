@@ -33,7 +33,7 @@ class Ensemble(nn.Module):
             for v, b in views:
                 out = m(v) if b is None else m(v, b)
                 age_out = out["age"].float()
-                ages.append(m.method.predict(age_out))
+                ages.append(m.method.estimate(age_out))
                 dists.append(m.method.distribution(age_out))
                 if "gender" in out:
                     genders.append(torch.sigmoid(out["gender"].float()))

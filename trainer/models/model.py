@@ -39,7 +39,7 @@ class AgeModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.method: AgeMethod = create_method(cfg.method, min_age=cfg.min_age, max_age=cfg.max_age,
-                                                   **cfg.method_args)
+                                                   decode=cfg.decode, **cfg.method_args)
         args = cfg.family_args()
         if cfg.architecture == "mivolo":
             self.backbone = MiVOLO(cfg.backbone, image_size, cfg.weights, cfg.drop_rate, **args.model_dump())
