@@ -44,7 +44,7 @@ SHARDS="$OUT/shards"
 [ -f "$SHARDS/manifest.json" ] || step shard "$AG" shard --dataset utkface --src "$SHARED/utkface" --out "$SHARDS"
 step tests_gpu "$PY" -m pytest -m "gpu or multigpu" -q -rA --junitxml "$OUT/tests_gpu.xml"
 TRAIN=(configs/experiments/utkface_cpu.yaml "data.loader.shards=$SHARDS" train.device=gpu data.loader.device=gpu
-       train.precision=bf16 train.max_steps=200 train.val_every_steps=100 train.ckpt_every_steps=100
+       train.precision=bf16 train.max_steps=200 train.time_budget_min=null train.val_every_steps=100 train.ckpt_every_steps=100
        data.loader.image_size=112 data.loader.batch_size=64)
 step train_zero0 "$VENV/bin/torchrun" --nproc-per-node "$GPUS" --no-python "$AG" train "${TRAIN[@]}" \
   train.zero_stage=0 "train.run_dir=$OUT/train_zero0" --overwrite
