@@ -17,11 +17,14 @@ the cosine's course there, by how much the trainer logs.
 Machines slow down mid-run (a 2-core Xeon ran the same steps 10-20 % slower from the run's
 seventh epoch on, with nothing else running, and overshot an hour's budget by 3.6 minutes), so
 every later validation re-fits the length, and only ever shortens it: a run that speeds up keeps
-its length, one that slows down still ends inside the budget. A re-fit counts the time really
-spent (a stall included) and expects the remaining steps to take the median step time of the
-latest three stretches between validations: a slow-down that lasts shows after two of them, a
-single stall is paid for once instead of being extrapolated over the rest of the run. A resumed run keeps the length its checkpoint saved and does not re-fit (its
-own process started later, so its clock is not the run's).
+its length, one that slows down still ends inside the budget. A re-fit happens only when the
+plan's projected end passes REFIT_AT of the budget (so timing noise does not whittle the run
+down), and then fits to SAFETY again. It counts the time really spent (a stall included) and
+expects the remaining steps and validations to take the median of the latest three: a slow-down
+that lasts shows after two stretches, a single stall is paid for once instead of being
+extrapolated over the rest of the run. A run resumed from a checkpoint saved after the fit keeps
+the length it saved and does not re-fit (its own process started later, so its clock is not the
+run's).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import statistics
 import time
 
 SAFETY = 0.97  # share of the budget planned for; the rest absorbs noise in the step times
+REFIT_AT = 0.99  # a later validation shortens the plan only once its projected end passes this share
 MIN_TIMED = 10  # steps timed before the length is fitted (a validation before that waits for the next)
 _IMPORTED = time.time()
 
@@ -43,6 +47,7 @@ class StepPlan:
         self._mark: tuple[int, float] | None = None  # (step, time) where timing started
         self._last: tuple[int, float] | None = None  # (step, time) at the end of the latest validation
         self._windows: list[tuple[int, float]] = []  # (steps, seconds) between consecutive validations
+        self._val_seconds: list[float] = []  # every validation's duration
         self._paused = 0.0
         # True once this process fitted the length: only then do later validations re-fit it
         self.refits = False
@@ -51,6 +56,7 @@ class StepPlan:
         """Called at the end of every validation (`seconds` long). Timing starts at the end of
         the first one after the (re)start; later validations are left out of it."""
         now = self._clock()
+        self._val_seconds.append(seconds)
         if self._mark is None:
             self._mark = (step, now)
         else:
@@ -66,12 +72,24 @@ class StepPlan:
 
     def recent_step_seconds(self, step: int, now: float) -> float | None:
         """What a re-fit expects the remaining steps to take: the median step time of the latest
-        three stretches between validations (the one ending `now` included) of >= MIN_TIMED steps."""
+        three stretches between validations (the one ending `now` included), neighbouring
+        stretches joined until each has >= MIN_TIMED steps (frequent validations)."""
         if self._last is None:
             return None
-        windows = [*self._windows[-2:], (step - self._last[0], now - self._last[1])]
-        rates = [s / n for n, s in windows if n >= MIN_TIMED]
+        rates, steps, secs = [], 0, 0.0
+        for n, s in [(step - self._last[0], now - self._last[1]), *reversed(self._windows)]:
+            steps, secs = steps + n, secs + s
+            if steps >= MIN_TIMED:
+                rates.append(secs / steps)
+                steps, secs = 0, 0.0
+                if len(rates) == 3:
+                    break
         return statistics.median(rates) if rates else None
+
+    def recent_validation_seconds(self, current: float) -> float:
+        """The median duration of the latest three validations (`current` the one just run): one
+        slow validation is not charged to every one still to come."""
+        return statistics.median([*self._val_seconds[-2:], current])
 
 
 def validations_before(n: int, steps_per_epoch: int, val_every_steps: int | None) -> int:
@@ -82,19 +100,24 @@ def validations_before(n: int, steps_per_epoch: int, val_every_steps: int | None
     return count
 
 
+def estimated_end(n: int, *, elapsed_s: float, step: int, step_s: float, val_s: float, end_s: float,
+                  steps_per_epoch: int, val_every_steps: int | None) -> float:
+    """Seconds from the process start to the end of a run of n steps, now at `step`:
+    elapsed + (n - step)·step_s + (validations after `step`)·val_s + end_s."""
+    # distinct validation steps in (step, n]: the grid's, and the last step once
+    validations = validations_before(n, steps_per_epoch, val_every_steps) - validations_before(
+        step + 1, steps_per_epoch, val_every_steps) + 1
+    return elapsed_s + (n - step) * step_s + validations * val_s + end_s
+
+
 def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, val_s: float, end_s: float,
               steps_per_epoch: int, val_every_steps: int | None, max_total: int) -> int:
-    """The largest total step count N (step < N <= max_total) whose estimated end time,
-    elapsed + (N - step)·step_s + (validations after `step`)·val_s + end_s, stays within
+    """The largest total step count N (step < N <= max_total) whose `estimated_end` stays within
     SAFETY·budget_s. At least step + 1, so a run past its budget still ends at once."""
 
-    def validations(n: int) -> int:
-        """Distinct validation steps in (step, n]: the grid's, and the last step once."""
-        return validations_before(n, steps_per_epoch, val_every_steps) - validations_before(
-            step + 1, steps_per_epoch, val_every_steps) + 1
-
     def cost(n: int) -> float:
-        return elapsed_s + (n - step) * step_s + validations(n) * val_s + end_s
+        return estimated_end(n, elapsed_s=elapsed_s, step=step, step_s=step_s, val_s=val_s, end_s=end_s,
+                             steps_per_epoch=steps_per_epoch, val_every_steps=val_every_steps)
 
     lo, hi = step + 1, max(step + 1, max_total)
     if cost(hi) <= SAFETY * budget_s:

@@ -108,7 +108,8 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
     (out / "labels.json").write_text(json.dumps({
         "method": cfg.model.method, "min_age": m.min_age, "max_age": m.max_age,
         "decode": cfg.model.decode,
-        "outputs": {"age": "predicted age in years (N,): the " + cfg.model.decode + " of the distribution"
+        "outputs": {"age": f"predicted age in years (N,): the {cfg.model.decode} of the age distribution"
+                    + (", averaged over the image and its mirror" if tta == "hflip" else "")
                     if "distribution" in names else "predicted age in years (N,)",
                     "distribution": "probabilities over the integer ages min_age..max_age (N, K)",
                     "gender_prob": "probability that the face is female (N,); 0 = male, 1 = female"},

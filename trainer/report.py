@@ -210,7 +210,11 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
             if decode == "median" and not m.method.has_distribution:
                 raise UserError(f"--decode median: method {m.method.name!r} has no age distribution")
             m.method.decode = decode
-    decode = loaded[0][1].method.decode
+    decodes = sorted({m.method.decode for _, m, _ in loaded})
+    if len(decodes) > 1:
+        raise UserError(f"the ensemble's runs decode their ages differently ({', '.join(decodes)}): "
+                        "pass --decode mean or --decode median")
+    decode = decodes[0]
     reframed = _reframe(cfg, image_size, crop_pct)
     split, shards = data.name, data.parent
     if not (shards / "manifest.json").exists():
@@ -232,9 +236,13 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
                      "pass --calibrate-on SHARDS/val for this one")
     elif len(loaded) == 1:
         run = run_dir_of(paths[0])
-        stored = calibration.applies(calibration.load(run), loaded[0][2], run, tta, decode)
+        own = calibration.load(run)
+        stored = calibration.applies(own, loaded[0][2], run, tta, decode)
         if stored is not None:
             rule, rule_from = stored, f"the run's calibration.json (fitted on its {stored.get('split', 'val')} split)"
+        elif own is not None and (own.get("tta", "none"), own.get("decode", "mean")) != (tta, decode):
+            rule_from = (f"not calibrated: the run's calibration.json was fitted with TTA {own.get('tta', 'none')} "
+                         f"and decode {own.get('decode', 'mean')}; pass --calibrate-on SHARDS/val for this one")
     loader = create_loader(cfg.data, split, train=False)
     result = _collect(models, loader, tta == "hflip", rule)
     metrics = result["metrics"]

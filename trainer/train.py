@@ -187,7 +187,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if state.get("budget_fitted"):  # the length a time budget chose: the schedule goes on as it was
             if tc.time_budget_min is None or state["total_steps"] < plan.total:
                 logging.getLogger("agescale").warning(
-                    "resume: keeping the %d steps that train.time_budget_min fitted at the run's start (the budget "
+                    "resume: keeping the %d steps that train.time_budget_min fitted before this checkpoint (the budget "
                     "given now, %s, is not re-applied)", state["total_steps"], tc.time_budget_min)
             plan.total, plan.fitted = min(state["total_steps"], plan.total), True
         if ema is not None:
@@ -226,13 +226,20 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         step_s = (plan.recent_step_seconds if refit else plan.step_seconds)(step, now=val_start)
         if step_s is None or step >= plan.total:  # too few steps timed yet (decide at the next one), or done
             return
+        if refit:
+            val_s = plan.recent_validation_seconds(val_s)
         passes = 2 if ema is not None and tc.ema_val_raw else 1
         end_s = budget.end_seconds(val_s, cfg.model.tta, tc.calibrate, tc.test_at_end, passes)
         # a Ray Tune trial runs in a worker process that may be older than the trial
         elapsed = time.perf_counter() - t_start if reporter is not None else budget.process_elapsed()
-        total = rank0_value(budget.fit_steps(
-            budget_s=60 * tc.time_budget_min, elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s,
-            end_s=end_s, steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps, max_total=plan.total))
+        timings = dict(elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s, end_s=end_s,
+                       steps_per_epoch=steps_per_epoch, val_every_steps=tc.val_every_steps)
+        budget_s = 60 * tc.time_budget_min
+        if refit and budget.estimated_end(plan.total, **timings) <= budget.REFIT_AT * budget_s:
+            total = plan.total  # still on time: keep the plan (noise does not shorten it)
+        else:
+            total = budget.fit_steps(budget_s=budget_s, max_total=plan.total, **timings)
+        total = rank0_value(total)  # every rank calls it, whichever branch its own timings took
         planned = plan.total
         if refit and total >= planned:  # still fits (fit_steps never goes past max_total = planned)
             return

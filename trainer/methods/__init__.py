@@ -101,6 +101,7 @@ def distribution_median(p: torch.Tensor, min_age: int) -> torch.Tensor:
     error, which MAE measures. Written out because torch's `quantile` takes samples, not a
     distribution; it exports to ONNX (cumsum, compare, gather)."""
     p = p.float()
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-12)  # CORAL's clipped differences may not sum to 1
     cdf = p.cumsum(1)
     k = (cdf < 0.5).sum(1, keepdim=True).clamp(max=p.shape[1] - 1)   # first age whose cdf reaches 0.5
     below = (cdf - p).gather(1, k)                                     # mass of the ages under it
