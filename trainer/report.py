@@ -207,9 +207,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
     tta = tta or cfg.model.tta
     if decode is not None:
         for _, m, _ in loaded:
-            if decode == "median" and not m.method.has_distribution:
-                raise UserError(f"--decode median: method {m.method.name!r} has no age distribution")
-            m.method.decode = decode
+            m.method.use_decode(decode, "--decode")
     decodes = sorted({m.method.decode for _, m, _ in loaded})
     if len(decodes) > 1:
         raise UserError(f"the ensemble's runs decode their ages differently ({', '.join(decodes)}): "

@@ -32,12 +32,7 @@ class AgeMethod:
     def __init__(self, min_age: int = 0, max_age: int = 100, decode: str = "mean", **options: float):
         if not 0 <= min_age < max_age:
             raise UserError(f"age range [{min_age}, {max_age}] is empty")
-        if decode not in DECODES:
-            raise UserError(f"model.decode={decode!r}: one of {', '.join(DECODES)}")
-        if decode == "median" and not self.has_distribution:
-            raise UserError(f"model.decode=median: method {self.name!r} predicts one number, with no age "
-                            "distribution to take the median of; use model.decode=mean")
-        self.decode = decode
+        self.use_decode(decode)
         # `model.method_args`: each key overrides one of the method's numeric class attributes
         # (LDL's sigma, DEX's label_smoothing, mean-variance's lambdas, ...).
         for key, value in options.items():
@@ -79,6 +74,15 @@ class AgeMethod:
 
     def distribution(self, out: torch.Tensor) -> torch.Tensor | None:
         return torch.softmax(out.float(), dim=1)
+
+    def use_decode(self, decode: str, key: str = "model.decode") -> None:
+        """Set how `estimate` reads the outputs; `key` names the setting in the error."""
+        if decode not in DECODES:
+            raise UserError(f"{key}={decode!r}: one of {', '.join(DECODES)}")
+        if decode == "median" and not self.has_distribution:
+            raise UserError(f"{key}=median: method {self.name!r} predicts one number, with no age "
+                            f"distribution to take the median of; use {key}=mean")
+        self.decode = decode
 
     def estimate(self, out: torch.Tensor) -> torch.Tensor:
         """The reported age: the method's own `predict` (for distributions, their mean), or the
