@@ -7,20 +7,19 @@ step budget, in bf16 autocast where the CPU has native bf16. Takes ~10-25 s per 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from trainer.config import ModelConfig
 from trainer.losses import multitask_loss
 from trainer.methods import list_methods
+from trainer.precision import native_bf16
 from trainer.models import create_model
 
 MAX_STEPS, CHECK_EVERY, TARGET_MAE = 300, 10, 3.0
 # The recipe's precision (train.precision=bf16_autocast) where the CPU has native bf16 (~1.5x faster
 # here); fp32 elsewhere, where emulated bf16 would be slower. The losses are fp32 either way.
-NATIVE_BF16 = any(flag in Path("/proc/cpuinfo").read_text().split() for flag in ("avx512_bf16", "amx_bf16"))
+NATIVE_BF16 = native_bf16()
 
 
 @pytest.mark.slow

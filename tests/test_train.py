@@ -65,6 +65,7 @@ def test_single_process_run_writes_everything(utk_shards, tmp_path):
     assert cfg["train"]["max_steps"] == 12 and cfg["data"]["loader"]["image_size"] == 32
     info = json.loads((run / "run.json").read_text())
     assert len(info["data_manifest_sha256"]) == 64
+    assert (info["starts"][0]["precision"], info["starts"][0]["precision_reason"]) == ("fp32", "set in train.precision")
     assert (run / "checkpoints" / "LATEST").read_text().strip() == "step00000012"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert f"test MAE: {s['test']['mae']:.2f}" in r.stdout
@@ -75,12 +76,19 @@ def test_single_process_run_writes_everything(utk_shards, tmp_path):
 
 @pytest.mark.parametrize("zero", [0])  # ZeRO 2 at two ranks: test_zero2_checkpoint_moves_from_two_ranks_to_one_and_back
 def test_two_ranks_stay_in_sync(utk_shards, tmp_path, zero):
+    """...and `train.precision=auto` picks this CPU's precision (read here from /proc/cpuinfo
+    on its own), once for both ranks, recorded in run.json and said on stderr."""
     run = tmp_path / "run"
-    r = torchrun(*small(utk_shards, run, **{"train.zero_stage": zero, "train.max_steps": 6}))
+    r = torchrun(*small(utk_shards, run, **{"train.zero_stage": zero, "train.max_steps": 6,
+                                            "train.precision": "auto"}))
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(run)
     assert s["world_size"] == 2 and len(s["param_checksums"]) == 2
     assert s["param_checksums"][0] == s["param_checksums"][1]
+    flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    expected = "bf16_autocast" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+    assert json.loads((run / "run.json").read_text())["starts"][0]["precision"] == expected
+    assert r.stderr.count(f"agescale: train.precision=auto: {expected} (this CPU has") == 1
 
 
 def test_two_node_rendezvous_on_loopback(utk_shards, tmp_path):

@@ -1,7 +1,8 @@
 """Everything a run writes besides checkpoints; rank 0 writes, the other ranks only join in
 collective calls. Run directory layout:
 
-  config.yaml        the resolved config          run.json       manifest hash, world size, resumes
+  config.yaml        the resolved config          run.json       manifest hash; per start: world size,
+                                                                 step resumed from, precision chosen
   metrics.jsonl      one JSON line per log/val    tensorboard/   the same scalars for TensorBoard
   best/model.safetensors + best/metrics.json      the best model by validation MAE
   checkpoints/       DeepSpeed checkpoints + LATEST              summary.json   the final result
@@ -72,7 +73,10 @@ def _atomic_json(path: Path, data) -> None:
 
 class RunLog:
     def __init__(self, run_dir: Path, cfg, rank: int, world: int, total_steps: int, step: int,
-                 resumed_from: str | None, steps_per_epoch: int | None = None, validated_at: int = -1):
+                 resumed_from: str | None, steps_per_epoch: int | None = None, validated_at: int = -1,
+                 start_details: dict | None = None):
+        """`start_details`: what this start chose for itself (the resolved train.precision), kept
+        per start in run.json because a resume on another machine may choose differently."""
         self.dir, self.rank, self.main = run_dir, rank, rank == 0
         self._tb = self._bar = self.run_id = None
         if self.main:
@@ -84,7 +88,8 @@ class RunLog:
             self.run_id = info.setdefault("run_id", uuid.uuid4().hex)  # stamped into every checkpoint
             self._drop_superseded(step, validated_at)
             info.setdefault("starts", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world,
-                                                  "resumed_from": resumed_from, "step": step})
+                                                  "resumed_from": resumed_from, "step": step,
+                                                  **(start_details or {})})
             info["data_manifest_sha256"] = (hashlib.sha256(manifest.read_bytes()).hexdigest()
                                             if manifest.exists() else None)
             info["total_steps"], info["steps_per_epoch"] = total_steps, steps_per_epoch

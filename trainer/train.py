@@ -30,6 +30,8 @@ from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
 from trainer.mixup import mix_images, mixed_loss, mixup_pairs
+from trainer.precision import PRECISIONS, native_bf16
+from trainer.precision import resolve as resolve_precision
 from trainer.models import create_model
 from trainer.run_log import RunLog
 from trainer.schedule import lr_factor, make_optimizer, make_schedule
@@ -86,6 +88,25 @@ def _saved_model_config(run_dir: Path) -> dict | None:
         return None
 
 
+def _agreed_precision(asked: str, device: str, rank: int) -> tuple[str, str]:
+    """train.precision resolved on rank 0 and used by every rank (one job, one precision, even
+    on nodes with different CPUs), with a warning where the choice will be slow."""
+    precision, why = resolve_precision(asked, device)
+    chosen = PRECISIONS[rank0_value(PRECISIONS.index(precision))]
+    if chosen != precision:
+        precision, why = chosen, f"{why}; rank 0 chose {chosen}"
+    warn = logging.getLogger("agescale").warning
+    if device == "cpu" and precision == "bf16":
+        warn("train.precision=bf16 (bf16 weights) on CPU ran several times slower than fp32 on CPUs without "
+             "native bf16; train.precision=auto or bf16_autocast is the CPU choice")
+    elif device == "cpu" and precision == "bf16_autocast" and not native_bf16():
+        warn("train.precision=bf16_autocast: this CPU has no native bf16 (no avx512_bf16 or amx_bf16), so bf16 is "
+             "emulated: 17-26x slower a step than fp32 on a 2-core AVX2 AMD EPYC; train.precision=auto picks fp32 here")
+    if asked == "auto" and rank == 0:
+        print(f"agescale: train.precision=auto: {precision} ({why.removeprefix('auto: ')})", file=sys.stderr)
+    return precision, why
+
+
 def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], None] | None = None) -> dict:
     """Train as `cfg` says; returns the final summary (also written to run_dir/summary.json).
 
@@ -100,10 +121,6 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     env = detect()
     if tc.device == "gpu" and not torch.cuda.is_available():
         raise UserError("train.device=gpu but no CUDA device is visible; use train.device=cpu")
-    if tc.precision == "bf16" and tc.device == "cpu":
-        logging.getLogger("agescale").warning(
-            "train.precision=bf16 (bf16 weights) on CPU ran several times slower than fp32 on CPUs without "
-            "native bf16; train.precision=bf16_autocast is the CPU choice")
     shards = Path(cfg.data.loader.shards)
     if cfg.data.loader.backend != "synthetic" and not (shards / MANIFEST).exists():
         raise UserError(f"data.loader.shards={shards}: no {MANIFEST} there (run `agescale shard ... --out {shards}`)")
@@ -112,6 +129,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     init(env, tc.device)
     rank, world = env.rank, env.world_size
+    precision, precision_why = _agreed_precision(tc.precision, tc.device, rank)
     device = torch.device(f"cuda:{env.local_rank}" if tc.device == "gpu" else "cpu")
     set_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -143,7 +161,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             print(f"agescale: no intact checkpoint in {ckpt_root}; starting from scratch")
         elif tag and notes:
             print(f"agescale: resuming from {ckpt_root / tag}, the newest intact checkpoint", file=sys.stderr)
-    ds_config, load_root = deepspeed_config(tc, cfg.data.loader.batch_size), ckpt_root
+    ds_config, load_root = deepspeed_config(tc, cfg.data.loader.batch_size, precision), ckpt_root
     if tag and checkpoint.needs_universal(checkpoint.meta(ckpt_root, tag), world, tc.zero_stage):
         load_root = checkpoint.to_universal(ckpt_root, tag, rank)
         ds_config["checkpoint"] = {"load_universal": True}
@@ -197,7 +215,8 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             ema.module.load_state_dict(state["ema"])
         # The config's learning rate wins over the checkpoint's (PBT changes it between resumes).
         scheduler.base_lrs = [tc.optimizer.lr for _ in scheduler.base_lrs]
-    log = RunLog(run_dir, cfg, rank, world, plan.total, step, resumed_from, steps_per_epoch, validated_at)
+    log = RunLog(run_dir, cfg, rank, world, plan.total, step, resumed_from, steps_per_epoch, validated_at,
+                 start_details={"precision": precision, "precision_reason": precision_why})
     if tag and rank == 0:
         checkpoint.adopt(ckpt_root, tag, log.run_id)  # the checkpoint this run continues from is its own
     stop = _Stop()
