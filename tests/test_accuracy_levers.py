@@ -459,7 +459,7 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     import time
 
     opts = {"train.max_steps": "null", "train.epochs": 200, "train.time_budget_min": 0.67,
-            "train.val_every_steps": 25, "train.ckpt_every_steps": 25, "train.optimizer.warmup_steps": 30,
+            "train.val_every_steps": 10, "train.ckpt_every_steps": 10, "train.optimizer.warmup_steps": 30,
             "train.test_at_end": "false", "train.calibrate": "false", "train.log_every_steps": 1}
     full, cut = tmp_path / "full", tmp_path / "cut"
     t0 = time.time()
@@ -485,12 +485,15 @@ def test_time_budget_ends_the_run_inside_it_annealed_and_a_resume_keeps_the_fitt
     assert proc.returncode == 0, err
     rows = [json.loads(l) for l in metrics.read_text().splitlines()]
     plan = [r for r in rows if r["phase"] == "budget"]
-    assert plan[0]["step"] == 50 and not plan[0]["refit"]  # the second validation: steps 25-50 timed
+    # The second validation: steps 10-20 timed. Validating every 10 steps leaves validations after the stall
+    # for the re-fit even on a slow CPU (at every 25, a 2-core AVX2 EPYC fitted 67 steps at step 50: none).
+    assert plan[0]["step"] == 20 and not plan[0]["refit"]
     assert len(plan) >= 2 and all(r["refit"] for r in plan[1:]), plan
     assert all(b["total_steps"] < a["total_steps"] for a, b in zip(plan, plan[1:]))  # shortened, never lengthened
     assert "the run is shortened from" in err
     total = plan[-1]["total_steps"]
-    assert 50 < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())["steps_per_epoch"]
+    assert plan[-1]["step"] < total < plan[0]["planned_steps"] == 200 * json.loads((full / "run.json").read_text())[
+        "steps_per_epoch"]
     assert json.loads((full / "run.json").read_text())["total_steps"] == total
     assert summary(full)["steps"] == total
     assert wall <= 0.67 * 60 + 3, wall  # + the test harness's own process start
