@@ -14,7 +14,7 @@ venv:
 # tests (wall-clock assertions) alone.
 XDIST := -n 2
 test: venv
-	$(PY) -m pytest $(XDIST) -m "not heavy and not serial"
+	$(PY) -m pytest $(XDIST) -m "not heavy and not serial" --durations=20
 	$(PY) -m pytest -m "serial and not heavy"
 
 test-fast: venv

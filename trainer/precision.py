@@ -42,6 +42,6 @@ def resolve(precision: str, device: str, flags: set[str] | None = None) -> tuple
         return "bf16", "auto: a GPU trains in bf16"
     flags = cpu_flags() if flags is None else flags
     if native_bf16(flags):
-        return "bf16_autocast", "auto: this CPU has native bf16 (" + ", ".join(
-            f for f in NATIVE_BF16_FLAGS if f in flags) + ")"
-    return "fp32", "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo)"
+        native = ", ".join(f for f in NATIVE_BF16_FLAGS if f in flags)
+        return "bf16_autocast", f"auto: this CPU has native bf16: {native}"
+    return "fp32", "auto: this CPU has no native bf16: no avx512_bf16 or amx_bf16 in /proc/cpuinfo"
