@@ -160,7 +160,8 @@ def save(engine, ckpt_root: Path, step: int, client_state: dict, keep: int, rank
         tmp = ckpt_root / tag / (META + ".tmp")  # written last, with every file's size and sha256
         tmp.write_text(json.dumps({
             "step": step, "run_id": run_id, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "zero_stage": engine.zero_optimization_stage(), "shapes": shapes(engine.module),
+            "zero_stage": engine.zero_optimization_stage(), "bf16_weights": engine.bfloat16_enabled(),
+            "shapes": shapes(engine.module),
             "files": _files(ckpt_root / tag)}) + "\n")
         os.replace(tmp, ckpt_root / tag / META)
         set_latest(ckpt_root, tag)

@@ -144,12 +144,12 @@ class TrainConfig(Strict):
         None, gt=0, description="wall-time budget of the whole run (training, validation, calibration, test): at "
         "the first validation with 10 steps timed after the first one (the steps before it are warm-up, never timed), the step count is fitted to the measured step and validation times (never more than "
         "epochs / max_steps give) and saved for resumes; null = epochs / max_steps as set")
-    device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: gloo, fp32; gpu: nccl")
+    device: Literal["cpu", "gpu"] = Field("cpu", description="cpu: gloo; gpu: nccl")
     precision: Literal["auto", "fp32", "bf16", "bf16_autocast"] = Field(
         "fp32", description="fp32 | bf16 (DeepSpeed's: bf16 weights, fp32 master copy; for GPUs) | bf16_autocast "
         "(fp32 weights and optimizer, convolutions and matmuls in bf16 under torch.autocast: ~1.5x on CPUs with "
-        "AVX512-BF16/AMX, 17-26x slower on CPUs without) | auto (bf16 on a GPU, bf16_autocast on a CPU with "
-        "native bf16, else fp32; run.json records the choice)")
+        "AVX512-BF16/AMX, 17-26x slower on CPUs without) | auto (bf16 on a GPU with native bf16, bf16_autocast "
+        "on a CPU with native bf16, else fp32; run.json records the choice)")
     zero_stage: Literal[0, 1, 2] = 0
     grad_accum: int = Field(1, ge=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")

@@ -33,15 +33,29 @@ def native_bf16(flags: set[str] | None = None) -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
-def resolve(precision: str, device: str, flags: set[str] | None = None) -> tuple[str, str]:
-    """(the precision to train in, why): `auto` becomes bf16 on a GPU, bf16_autocast on a CPU
-    with native bf16 and fp32 on any other CPU; an explicit choice is kept."""
+def flag_names() -> str:
+    return " or ".join(NATIVE_BF16_FLAGS)
+
+
+def gpu_has_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve(precision: str, device: str, flags: set[str] | None = None,
+            gpu_bf16: bool | None = None) -> tuple[str, str]:
+    """(the precision to train in, why): `auto` becomes bf16 on a GPU that computes it (Ampere
+    and later), fp32 on an older one, bf16_autocast on a CPU with native bf16 and fp32 on any
+    other CPU; an explicit choice is kept."""
     if precision != "auto":
         return precision, "set in train.precision"
     if device == "gpu":
-        return "bf16", "auto: a GPU trains in bf16"
+        if gpu_has_bf16() if gpu_bf16 is None else gpu_bf16:
+            return "bf16", "auto: this GPU computes bf16"
+        return "fp32", "auto: this GPU has no native bf16 (before Ampere)"
     flags = cpu_flags() if flags is None else flags
     if native_bf16(flags):
         native = ", ".join(f for f in NATIVE_BF16_FLAGS if f in flags)
         return "bf16_autocast", f"auto: this CPU has native bf16: {native}"
-    return "fp32", "auto: this CPU has no native bf16: no avx512_bf16 or amx_bf16 in /proc/cpuinfo"
+    return "fp32", f"auto: this CPU has no native bf16: no {flag_names()} in /proc/cpuinfo"

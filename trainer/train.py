@@ -30,7 +30,7 @@ from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
 from trainer.mixup import mix_images, mixed_loss, mixup_pairs
-from trainer.precision import PRECISIONS, native_bf16
+from trainer.precision import PRECISIONS, flag_names, native_bf16
 from trainer.precision import resolve as resolve_precision
 from trainer.models import create_model
 from trainer.run_log import RunLog
@@ -100,8 +100,8 @@ def _agreed_precision(asked: str, device: str, rank: int) -> tuple[str, str]:
         warn("train.precision=bf16 (bf16 weights) on CPU ran several times slower than fp32 on CPUs without "
              "native bf16; train.precision=auto or bf16_autocast is the CPU choice")
     elif device == "cpu" and precision == "bf16_autocast" and not native_bf16():
-        warn("train.precision=bf16_autocast: this CPU has no native bf16 (no avx512_bf16 or amx_bf16), so bf16 is "
-             "emulated: 17-26x slower a step than fp32 on a 2-core AVX2 AMD EPYC; train.precision=auto picks fp32 here")
+        warn(f"train.precision=bf16_autocast: this CPU has no native bf16 (no {flag_names()}), so bf16 is emulated: "
+             "17-26x slower a step than fp32 on a 2-core AVX2 AMD EPYC; train.precision=auto picks fp32 here")
     if asked == "auto" and rank == 0:
         print(f"agescale: train.precision=auto: {precision} ({why.removeprefix('auto: ')})", file=sys.stderr)
     return precision, why
@@ -167,6 +167,13 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         ds_config["checkpoint"] = {"load_universal": True}
 
     model = create_model(cfg.model, cfg.data.loader.image_size)
+    saved_bf16 = checkpoint.meta(ckpt_root, tag).get("bf16_weights") if tag else None
+    if saved_bf16 is not None and saved_bf16 != (precision == "bf16"):
+        # DeepSpeed's bf16 optimizer saves another layout than the fp32 one (fp32 <-> bf16_autocast is fine:
+        # both keep fp32 weights and optimizer state)
+        raise UserError(f"{ckpt_root / tag} was saved {'with' if saved_bf16 else 'without'} bf16 weights and this "
+                        f"start trains in {precision} ({precision_why}); resume with train.precision="
+                        f"{'bf16' if saved_bf16 else 'fp32'} on a machine that runs it")
     if tag:
         changed = checkpoint.architecture_change(checkpoint.meta(ckpt_root, tag), model,
                                                  _saved_model_config(run_dir), _model_config(cfg))
