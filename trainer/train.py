@@ -30,9 +30,9 @@ from trainer.ds_config import deepspeed_config
 from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
 from trainer.mixup import mix_images, mixed_loss, mixup_pairs
+from trainer.models import create_model
 from trainer.precision import PRECISIONS, flag_names, native_bf16
 from trainer.precision import resolve as resolve_precision
-from trainer.models import create_model
 from trainer.run_log import RunLog
 from trainer.schedule import lr_factor, make_optimizer, make_schedule
 from trainer.speed import compile_engine, make_ema, set_threads, to_channels_last
