@@ -161,21 +161,21 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
             print(f"agescale: no intact checkpoint in {ckpt_root}; starting from scratch")
         elif tag and notes:
             print(f"agescale: resuming from {ckpt_root / tag}, the newest intact checkpoint", file=sys.stderr)
+    saved = checkpoint.meta(ckpt_root, tag) if tag else {}
+    if saved.get("bf16_weights", precision == "bf16") != (precision == "bf16"):  # before any conversion work
+        # DeepSpeed's bf16 optimizer saves another layout than the fp32 one (fp32 <-> bf16_autocast is fine:
+        # both keep fp32 weights and optimizer state)
+        raise UserError(f"{ckpt_root / tag} was saved {'with' if saved['bf16_weights'] else 'without'} bf16 weights "
+                        f"and this start trains in {precision} ({precision_why}); resume with train.precision="
+                        f"{'bf16' if saved['bf16_weights'] else 'fp32'} on a machine that runs it")
     ds_config, load_root = deepspeed_config(tc, cfg.data.loader.batch_size, precision), ckpt_root
-    if tag and checkpoint.needs_universal(checkpoint.meta(ckpt_root, tag), world, tc.zero_stage):
+    if tag and checkpoint.needs_universal(saved, world, tc.zero_stage):
         load_root = checkpoint.to_universal(ckpt_root, tag, rank)
         ds_config["checkpoint"] = {"load_universal": True}
 
     model = create_model(cfg.model, cfg.data.loader.image_size)
-    saved_bf16 = checkpoint.meta(ckpt_root, tag).get("bf16_weights") if tag else None
-    if saved_bf16 is not None and saved_bf16 != (precision == "bf16"):
-        # DeepSpeed's bf16 optimizer saves another layout than the fp32 one (fp32 <-> bf16_autocast is fine:
-        # both keep fp32 weights and optimizer state)
-        raise UserError(f"{ckpt_root / tag} was saved {'with' if saved_bf16 else 'without'} bf16 weights and this "
-                        f"start trains in {precision} ({precision_why}); resume with train.precision="
-                        f"{'bf16' if saved_bf16 else 'fp32'} on a machine that runs it")
     if tag:
-        changed = checkpoint.architecture_change(checkpoint.meta(ckpt_root, tag), model,
+        changed = checkpoint.architecture_change(saved, model,
                                                  _saved_model_config(run_dir), _model_config(cfg))
         if changed:
             raise UserError(f"{ckpt_root / tag} holds another model than this config builds: {changed}; "
