@@ -411,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory, best/model.safetensors or checkpoints/stepN; several = an ensemble")
     p.add_argument("--data", required=True, type=Path, help="SHARDS/<split>, e.g. runs/shards/utk/test")
     p.add_argument("--out", type=Path, help="report folder (default: RUN/eval-<split>)")
-    p.add_argument("--tta", choices=("none", "hflip"), help="test-time augmentation (default: the run's model.tta)")
+    p.add_argument("--tta", choices=("none", "hflip", "hflip_zoom"),
+                   help="test-time augmentation (default: the run's model.tta)")
     p.add_argument("--calibrate-on", type=Path, metavar="SHARDS/SPLIT",
                    help="fit the 90%% interval on this split first (default: the run's calibration.json; "
                         "use it for ensembles)")
@@ -428,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a bundle that a serving system loads with ONNX Runtime alone.")
     p.add_argument("run", type=Path, metavar="RUN_OR_CHECKPOINT")
     p.add_argument("--out", required=True, type=Path, help="bundle folder")
-    p.add_argument("--tta", choices=("none", "hflip"),
-                   help="flip test-time augmentation inside model.onnx (default: the run's model.tta)")
+    p.add_argument("--tta", choices=("none", "hflip", "hflip_zoom"),
+                   help="test-time augmentation inside model.onnx (default: the run's model.tta)")
     p.add_argument("--format", choices=("bundle", "triton"), default="bundle",
                    help="bundle (default; for predict and serve) or a Triton model repository "
                         "(OUT/agescale/config.pbtxt + 1/model.onnx)")

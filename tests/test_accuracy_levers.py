@@ -25,6 +25,7 @@ from trainer.evaluate import _batches
 from trainer.export import write_onnx
 from trainer.load import load_trained
 from trainer.models import Ensemble, create_model
+from trainer.models.ensemble import ZOOM, zoom
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +180,32 @@ def test_flip_tta_is_the_mean_of_the_two_passes_in_torch_and_onnx(tmp_path):
     for k in ("age", "distribution", "gender_prob"):
         assert torch.allclose(both[k], (one[k] + mirrored[k]) / 2, atol=1e-6)
     assert not torch.allclose(one["age"], mirrored["age"])               # the mirror is really another pass
-    names = write_onnx(model, 32, tmp_path / "m.onnx", hflip=True)
+    names = write_onnx(model, 32, tmp_path / "m.onnx", tta="hflip")
     outs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})
     for name, got in zip(names, outs):
         np.testing.assert_allclose(got, both[name].numpy(), atol=1e-4)
+
+
+def test_zoom_tta_adds_the_centre_crop_resized_and_its_mirror_in_torch_and_onnx(tmp_path):
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(method="ldl"), 40).eval()
+    x = torch.randn(3, 3, 40, 40)
+    # the 0.95 zoom of a 40 px input: its central 38 x 38 pixels, resized back to 40 x 40
+    zoomed = torch.nn.functional.interpolate(x[..., 1:39, 1:39], size=(40, 40), mode="bilinear", align_corners=False)
+    assert ZOOM == 0.95 and torch.equal(zoom(x, ZOOM), zoomed)
+    with torch.no_grad():
+        views = [Ensemble([model])(v) for v in (x, x.flip(3), zoomed, zoomed.flip(3))]
+        four = Ensemble.for_tta([model], "hflip_zoom")(x)
+        flip = Ensemble.for_tta([model], "hflip")(x)
+    for k in ("age", "distribution", "gender_prob"):
+        assert torch.allclose(four[k], sum(v[k] for v in views) / 4, atol=1e-6)
+    assert (four["age"] - flip["age"]).abs().max() > 1e-4               # the zoomed views really count
+    names = write_onnx(model, 40, tmp_path / "m.onnx", tta="hflip_zoom")
+    outs = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})
+    for name, got in zip(names, outs):
+        np.testing.assert_allclose(got, four[name].numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'zoom'"):
+        Ensemble.for_tta([model], "zoom")
 
 
 @pytest.mark.slow

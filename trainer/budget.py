@@ -131,10 +131,10 @@ def fit_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, va
     return lo
 
 
-def end_seconds(val_s: float, tta: str, calibrate: bool, test: bool, val_passes: int) -> float:
+def end_seconds(val_s: float, tta_views: int, calibrate: bool, test: bool, val_passes: int) -> float:
     """What follows the last step: calibration (a validation pass) and the test (about the
-    validation's size under the protocol's splits), each doubled by flip TTA; plus saving."""
-    one = val_s / max(1, val_passes) * (2 if tta == "hflip" else 1)
+    validation's size under the protocol's splits), each times the TTA's views; plus saving."""
+    one = val_s / max(1, val_passes) * tta_views
     return one * (int(calibrate) + int(test)) + 15.0
 
 

@@ -59,8 +59,9 @@ class ModelConfig(Strict):
     decode: Literal["mean", "median"] = Field("mean", description="the reported age of a method with a "
                                               "distribution: its mean, or its median (lower MAE: the median "
                                               "minimises the expected absolute error)")
-    tta: Literal["none", "hflip"] = Field("none", description="test-time augmentation in evaluate, export and "
-                                          "predict: hflip averages the image and its mirror")
+    tta: Literal["none", "hflip", "hflip_zoom"] = Field(
+        "none", description="test-time augmentation in evaluate, export and predict: hflip averages the image "
+        "and its mirror; hflip_zoom also a 0.95 centre zoom and its mirror (4 passes)")
     min_age: int = Field(0, ge=0)
     max_age: int = Field(100, ge=1, le=150)
     drop_rate: float = Field(0.0, ge=0, lt=1)

@@ -14,7 +14,7 @@ from trainer.models import Ensemble
 def _batches(model, loader, device: torch.device, tta: str, channels_last: bool = False):
     was_training = model.training
     model.eval()
-    predictor = Ensemble([model], hflip=tta == "hflip")
+    predictor = Ensemble.for_tta([model], tta)
     try:
         with torch.no_grad():
             for batch in loader:

@@ -24,19 +24,22 @@ from trainer.export_detector import export_detector
 from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES
 from trainer.models import Ensemble
+from trainer.models.ensemble import ZOOM
 
 INTERVAL = 0.9
+TTA_TEXT = {"hflip": "the image and its mirror",
+            "hflip_zoom": f"the image, a {ZOOM:g} centre zoom of it, and the mirrors of both"}
 LICENSE = ("Trained on UTKFace (non-commercial research only; the images' copyright belongs to their owners). "
            "The weights inherit that restriction: no commercial use.")
 
 
 class ServingModel(nn.Module):
-    """The model with its decoding rule (and flip test-time augmentation, when on) folded in:
+    """The model with its decoding rule (and test-time augmentation, when on) folded in:
     image → age, distribution (if any), P(female)."""
 
-    def __init__(self, model, hflip: bool = False):
+    def __init__(self, model, tta: str = "none"):
         super().__init__()
-        self.predictor = Ensemble([model], hflip=hflip)
+        self.predictor = Ensemble.for_tta([model], tta)
 
     def forward(self, image: torch.Tensor):
         res = self.predictor(image)
@@ -52,9 +55,9 @@ def output_names(model) -> list[str]:
     return names
 
 
-def write_onnx(model, image_size: int, path: Path, hflip: bool = False) -> list[str]:
-    """The model with its decoding rule as ONNX (dynamic batch); returns the output names."""
-    serving, names = ServingModel(model, hflip).eval(), output_names(model)
+def write_onnx(model, image_size: int, path: Path, tta: str = "none") -> list[str]:
+    """The model with its decoding rule (and TTA) as ONNX (dynamic batch); returns the output names."""
+    serving, names = ServingModel(model, tta).eval(), output_names(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(serving, (torch.randn(2, 3, image_size, image_size),), str(path),
@@ -87,14 +90,14 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
     lc, size = cfg.data.loader, cfg.data.loader.image_size
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"))
-    names = write_onnx(model, size, out / "model.onnx", hflip=tta == "hflip")
+    names = write_onnx(model, size, out / "model.onnx", tta=tta)
     (out / "preprocess.json").write_text(json.dumps({
         "input_name": "image", "input_size": size, "layout": "NCHW", "dtype": "float32", "channel_order": "RGB",
         "exif_orientation": True,
         "resize": {"shorter_side": round(size / lc.eval_crop_pct), "interpolation": "bilinear", "antialias": True},
         "center_crop": [size, size], "scale": 1 / 255, "mean": list(lc.mean), "std": list(lc.std),
-        "tta": {"mode": tta, "where": "inside model.onnx (one pass of the graph averages the image and its "
-                "mirror)" if tta == "hflip" else "none"},
+        "tta": {"mode": tta, "where": f"inside model.onnx (one pass of the graph averages {TTA_TEXT[tta]})"
+                if tta != "none" else "none"},
         # Photos: detect (detector/), then warp each face so its 5 landmarks land on this template in a
         # crop_size x crop_size image, then the resize and crop above (serving/photo.py).
         "align": {"landmarks": ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"],
@@ -109,7 +112,7 @@ def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool 
         "method": cfg.model.method, "min_age": m.min_age, "max_age": m.max_age,
         "decode": cfg.model.decode,
         "outputs": {"age": f"predicted age in years (N,): the {cfg.model.decode} of the age distribution"
-                    + (", averaged over the image and its mirror" if tta == "hflip" else "")
+                    + (f", averaged over {TTA_TEXT[tta]}" if tta != "none" else "")
                     if "distribution" in names else "predicted age in years (N,)",
                     "distribution": "probabilities over the integer ages min_age..max_age (N, K)",
                     "gender_prob": "probability that the face is female (N,); 0 = male, 1 = female"},

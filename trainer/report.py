@@ -23,8 +23,8 @@ from trainer.metrics import DEFAULT_EDGES, MIN_FACES_PER_CELL, AgeMetrics
 from trainer.models import Ensemble
 
 
-def _collect(models, loader, hflip: bool = False, rule: dict | None = None) -> dict[str, np.ndarray]:
-    ens = Ensemble(models, hflip=hflip)
+def _collect(models, loader, tta: str = "none", rule: dict | None = None) -> dict[str, np.ndarray]:
+    ens = Ensemble.for_tta(models, tta)
     cols: dict[str, list] = {"pred": [], "age": [], "gender": [], "race": [], "female_prob": [], "lo": [], "hi": [],
                              "scale": []}
     metrics = AgeMetrics(calibration=rule)
@@ -225,7 +225,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
             raise UserError(f"--calibrate-on {calibrate_on}: expected SHARDS/<split>, e.g. runs/shards/utk/val")
         cal_cfg = cfg.model_copy(deep=True)
         cal_cfg.data.loader.shards = str(calibrate_on.parent)
-        cal = _collect(models, create_loader(cal_cfg.data, calibrate_on.name, train=False), tta == "hflip")
+        cal = _collect(models, create_loader(cal_cfg.data, calibrate_on.name, train=False), tta)
         rule = calibration.fit(torch.from_numpy(cal["pred"]), torch.from_numpy(cal["age"]),
                                torch.from_numpy(cal["scale"]))
         rule_from = f"fitted on {calibrate_on} ({rule['n']} faces)"
@@ -242,7 +242,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
             rule_from = (f"not calibrated: the run's calibration.json was fitted with TTA {own.get('tta', 'none')} "
                          f"and decode {own.get('decode', 'mean')}; pass --calibrate-on SHARDS/val for this one")
     loader = create_loader(cfg.data, split, train=False)
-    result = _collect(models, loader, tta == "hflip", rule)
+    result = _collect(models, loader, tta, rule)
     metrics = result["metrics"]
     metrics["mae_by_race_in_age_bin"] = race_by_age_bin(result)
     plots = _plots(result, loaded[0][1], cfg.data.loader.mean, cfg.data.loader.std, out / "plots")

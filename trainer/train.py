@@ -31,6 +31,7 @@ from trainer.evaluate import evaluate, fit_interval
 from trainer.losses import multitask_loss
 from trainer.mixup import mix_images, mixed_loss, mixup_pairs
 from trainer.models import create_model
+from trainer.models.ensemble import TTA_VIEWS
 from trainer.precision import PRECISIONS, flag_names, native_bf16
 from trainer.precision import resolve as resolve_precision
 from trainer.run_log import RunLog
@@ -255,7 +256,7 @@ def train(cfg, resume: bool = False, reporter: Callable[[dict, Path | None], Non
         if refit:
             val_s = plan.recent_validation_seconds(val_s)
         passes = 2 if ema is not None and tc.ema_val_raw else 1
-        end_s = budget.end_seconds(val_s, cfg.model.tta, tc.calibrate, tc.test_at_end, passes)
+        end_s = budget.end_seconds(val_s, TTA_VIEWS[cfg.model.tta], tc.calibrate, tc.test_at_end, passes)
         # a Ray Tune trial runs in a worker process that may be older than the trial
         elapsed = time.perf_counter() - t_start if reporter is not None else budget.process_elapsed()
         timings = dict(elapsed_s=elapsed, step=step, step_s=step_s, val_s=val_s, end_s=end_s,
