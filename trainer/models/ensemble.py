@@ -16,7 +16,7 @@ TTA_VIEWS = {"none": 1, "hflip": 2, "hflip_zoom": 4}
 # hflip_zoom's second scale: the central ZOOM x ZOOM of the evaluation crop, resized back to the
 # input size. Training's random resized crops keep 0.8-1.0 of the area (side 0.89-1.0), so the
 # zoomed view is a framing the model trained on. Chosen on the validation split (README, 2026-12-08:
-# 0.95 took 0.047 +- 0.026 off the recipe's validation MAE with flip TTA; 0.9 and 0.85 added to it).
+# 0.95 took 0.047 +- 0.026 off the recipe's validation MAE with flip TTA; 0.9 and 0.85 raised it).
 ZOOM = 0.95
 
 
