@@ -36,7 +36,9 @@ def run(bundle: Path, images: Path) -> dict:
     cfg.model.weights = "scratch"
     model = create_model(cfg.model, cfg.data.loader.image_size).eval()
     model.load_state_dict(load_file(str(bundle / "model.safetensors")))
-    eager = ServingModel(model).eval()
+    # the same TTA as the bundle's graph (preprocess.json; `export --tta` may differ from the run's)
+    tta = json.loads((bundle / "preprocess.json").read_text()).get("tta", {}).get("mode", "none")
+    eager = ServingModel(model, tta).eval()
 
     def torch_run(x):
         with torch.inference_mode():

@@ -125,11 +125,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         out = out_dir(args.out)
         with tempfile.TemporaryDirectory() as tmp:
-            export_bundle(args.run, Path(tmp), tta=args.tta, detector=False)
+            export_bundle(args.run, Path(tmp), tta=args.tta, detector=False, calibrate_on=args.calibrate_on)
             model_dir = write_repository(Path(tmp), out, max_batch_size=args.max_batch_size)
         print(f"wrote the Triton model repository {out}: {model_dir.name}/config.pbtxt, {model_dir.name}/1/model.onnx")
         return 0
-    export_bundle(args.run, out_dir(args.out), tta=args.tta, detector=not args.no_detector)
+    export_bundle(args.run, out_dir(args.out), tta=args.tta, detector=not args.no_detector,
+                  calibrate_on=args.calibrate_on)
     print(f"wrote {args.out}: model.safetensors model.onnx preprocess.json labels.json card.md card.json"
           + ("" if args.no_detector else " detector/"))
     return 0
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="bundle folder")
     p.add_argument("--tta", choices=("none", "hflip", "hflip_zoom"),
                    help="test-time augmentation inside model.onnx (default: the run's model.tta)")
+    p.add_argument("--calibrate-on", type=Path, metavar="SHARDS/SPLIT",
+                   help="fit the 90%% interval on this split for the exported TTA (default: the run's "
+                        "calibration.json, which applies only to the TTA it was fitted with)")
     p.add_argument("--format", choices=("bundle", "triton"), default="bundle",
                    help="bundle (default; for predict and serve) or a Triton model repository "
                         "(OUT/agescale/config.pbtxt + 1/model.onnx)")

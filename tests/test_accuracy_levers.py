@@ -95,6 +95,23 @@ def test_training_calibrates_and_the_bundle_and_predict_use_it(ema_run, utk_shar
     assert "MAE by race within each age bin" in (tmp_path / "ev" / "report.md").read_text()
 
 
+def test_export_with_another_tta_is_uncalibrated_unless_calibrate_on_fits_it(ema_run, utk_shards, tmp_path):
+    # The run was calibrated with flip TTA; a zoom-TTA bundle cannot reuse that rule.
+    plain, fitted = tmp_path / "plain", tmp_path / "fitted"
+    run_cli("export", ema_run, "--out", plain, "--tta", "hflip_zoom", "--no-detector", check=True)
+    labels = json.loads((plain / "labels.json").read_text())
+    assert json.loads((plain / "preprocess.json").read_text())["tta"]["mode"] == "hflip_zoom"
+    assert labels["interval"]["calibrated"] is False and "--calibrate-on" in labels["interval"]["rule"]
+    run_cli("export", ema_run, "--out", fitted, "--tta", "hflip_zoom", "--no-detector",
+            "--calibrate-on", utk_shards / "val", check=True)
+    interval = json.loads((fitted / "labels.json").read_text())["interval"]
+    stored = json.loads((ema_run / calibration.CALIBRATION).read_text())
+    assert interval["calibrated"] is True and interval["n"] == 601 and interval["fitted_on"] == str(utk_shards / "val")
+    assert interval["q"] != stored["q"]                        # refitted on the four views, not copied
+    r = run_cli("export", ema_run, "--out", tmp_path / "bad", "--no-detector", "--calibrate-on", tmp_path / "nope")
+    assert r.returncode == 2 and "--calibrate-on" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_evaluate_at_another_framing_changes_the_pixels_and_drops_the_stored_calibration(ema_run, utk_shards,
                                                                                         tmp_path):
     from trainer.report import _reframe, evaluate_runs
@@ -422,6 +439,23 @@ def test_bf16_autocast_runs_convs_in_bf16_keeps_fp32_weights_and_resumes_exactly
     last = r.stderr.strip().splitlines()[-1]
     assert "step00000012 was saved without bf16 weights" in last and "train.precision=fp32" in last
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == before and summary(full)["steps"] == 12
+
+
+def test_end_seconds_counts_each_tta_view_and_the_modes_agree_everywhere():
+    from launch.cli import build_parser
+    from trainer.budget import end_seconds
+    from trainer.config import ModelConfig
+    from trainer.export import TTA_TEXT
+    from trainer.models.ensemble import TTA_VIEWS
+
+    # 20 s for 2 validation passes = 10 s a pass; calibration + test, 4 views each, + 15 s of saving
+    assert end_seconds(20.0, 4, True, True, 2) == 10 * 4 * 2 + 15
+    assert end_seconds(20.0, 1, False, True, 2) == 10 + 15
+    modes = set(TTA_VIEWS)
+    assert modes == set(ModelConfig.model_fields["tta"].annotation.__args__) == set(TTA_TEXT) | {"none"}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("evaluate", "export"):
+        assert set(next(a for a in sub[command]._actions if a.dest == "tta").choices) == modes
 
 
 def test_fit_steps_takes_the_longest_schedule_that_fits_the_budget():

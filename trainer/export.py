@@ -25,6 +25,7 @@ from trainer.load import load_trained, run_dir_of
 from trainer.metrics import DEFAULT_EDGES
 from trainer.models import Ensemble
 from trainer.models.ensemble import ZOOM
+from trainer.report import fit_rule
 
 INTERVAL = 0.9
 TTA_TEXT = {"hflip": "the image and its mirror",
@@ -78,14 +79,21 @@ def _interval_rule(rule: dict | None, has_distribution: bool) -> dict | None:
         return None
     return {"level": INTERVAL, "calibrated": False, "rule": "central interval of `distribution`: the first ages at "
             "which the cumulative probability reaches (1-level)/2 and (1+level)/2 (not calibrated: the run has "
-            "no calibration.json)"}
+            "no calibration.json for these weights and this TTA; `agescale export --calibrate-on SHARDS/val` "
+            "fits one)"}
 
 
-def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool = True) -> dict:
+def export_bundle(path: Path, out: Path, tta: str | None = None, detector: bool = True,
+                  calibrate_on: Path | None = None) -> dict:
+    """`calibrate_on` (SHARDS/<split>): fit the 90 % interval there for this TTA, instead of using
+    the run's calibration.json (which applies only to the TTA it was fitted with)."""
     cfg, model, weights = load_trained(path)
     run = run_dir_of(path)
     tta = cfg.model.tta if tta is None else tta
-    rule = calibration.applies(calibration.load(run), weights, run, tta, cfg.model.decode)
+    if calibrate_on is not None:
+        rule = fit_rule([model], cfg, calibrate_on, tta)
+    else:
+        rule = calibration.applies(calibration.load(run), weights, run, tta, cfg.model.decode)
     out.mkdir(parents=True, exist_ok=True)
     lc, size = cfg.data.loader, cfg.data.loader.image_size
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()},

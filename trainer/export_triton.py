@@ -1,7 +1,7 @@
 """`agescale export RUN --out DIR --format triton`: a Triton Inference Server model repository.
 
     DIR/<name>/config.pbtxt     platform onnxruntime_onnx, max_batch_size, dims, dynamic_batching
-    DIR/<name>/1/model.onnx     the bundle's graph (decoding rule and flip TTA inside)
+    DIR/<name>/1/model.onnx     the bundle's graph (decoding rule and TTA inside)
     DIR/<name>/preprocess.json, labels.json   what a client does before and after (Triton ignores them)
 
 The dims are read from the ONNX graph itself, without its batch axis; an output whose only axis is

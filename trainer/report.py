@@ -186,6 +186,21 @@ def _reframe(cfg, image_size: int | None, crop_pct: float | None) -> bool:
     return (new.image_size, new.eval_crop_pct) != (lc.image_size, lc.eval_crop_pct)
 
 
+def fit_rule(models, cfg, calibrate_on: Path, tta: str) -> dict:
+    """The split-conformal 90 % interval of `models` with `tta`, fitted on the shard split
+    `calibrate_on` (SHARDS/<split>) at the framing of `cfg`."""
+    if not (calibrate_on.parent / "manifest.json").exists():
+        raise UserError(f"--calibrate-on {calibrate_on}: expected SHARDS/<split>, e.g. runs/shards/utk/val")
+    cal_cfg = cfg.model_copy(deep=True)
+    cal_cfg.data.loader.shards = str(calibrate_on.parent)
+    cal = _collect(models, create_loader(cal_cfg.data, calibrate_on.name, train=False), tta)
+    rule = calibration.fit(torch.from_numpy(cal["pred"]), torch.from_numpy(cal["age"]),
+                           torch.from_numpy(cal["scale"]))
+    rule["split"], rule["tta"] = str(calibrate_on), tta
+    rule["decode"] = models[0].method.decode
+    return rule
+
+
 def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = None,
                   calibrate_on: Path | None = None, image_size: int | None = None,
                   crop_pct: float | None = None, decode: str | None = None) -> dict:
@@ -221,13 +236,7 @@ def evaluate_runs(paths: list[Path], data: Path, out: Path, tta: str | None = No
     models = [m for _, m, _ in loaded]
     rule, rule_from = None, "not calibrated (the distribution's central interval, if the method has one)"
     if calibrate_on is not None:
-        if not (calibrate_on.parent / "manifest.json").exists():
-            raise UserError(f"--calibrate-on {calibrate_on}: expected SHARDS/<split>, e.g. runs/shards/utk/val")
-        cal_cfg = cfg.model_copy(deep=True)
-        cal_cfg.data.loader.shards = str(calibrate_on.parent)
-        cal = _collect(models, create_loader(cal_cfg.data, calibrate_on.name, train=False), tta)
-        rule = calibration.fit(torch.from_numpy(cal["pred"]), torch.from_numpy(cal["age"]),
-                               torch.from_numpy(cal["scale"]))
+        rule = fit_rule(models, cfg, calibrate_on, tta)
         rule_from = f"fitted on {calibrate_on} ({rule['n']} faces)"
     elif len(loaded) == 1 and reframed:
         rule_from = ("not calibrated: the run's calibration.json was fitted at its own framing; "
