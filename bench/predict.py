@@ -37,8 +37,7 @@ def run(bundle: Path, images: Path) -> dict:
     model = create_model(cfg.model, cfg.data.loader.image_size).eval()
     model.load_state_dict(load_file(str(bundle / "model.safetensors")))
     # the same TTA as the bundle's graph (preprocess.json; `export --tta` may differ from the run's)
-    tta = json.loads((bundle / "preprocess.json").read_text()).get("tta", {}).get("mode", "none")
-    eager = ServingModel(model, tta).eval()
+    eager = ServingModel(model, pred.pre.get("tta", {}).get("mode", "none")).eval()
 
     def torch_run(x):
         with torch.inference_mode():

@@ -110,6 +110,7 @@ def test_export_with_another_tta_is_uncalibrated_unless_calibrate_on_fits_it(ema
     assert interval["q"] != stored["q"]                        # refitted on the four views, not copied
     r = run_cli("export", ema_run, "--out", tmp_path / "bad", "--no-detector", "--calibrate-on", tmp_path / "nope")
     assert r.returncode == 2 and "--calibrate-on" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()  # refused before writing
 
 
 def test_evaluate_at_another_framing_changes_the_pixels_and_drops_the_stored_calibration(ema_run, utk_shards,
